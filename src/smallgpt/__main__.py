@@ -1,0 +1,3 @@
+from smallgpt.cli import main
+
+main()

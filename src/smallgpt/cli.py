@@ -1,0 +1,115 @@
+"""The `smallgpt` command: a thin layer of typed options over the pipeline modules.
+
+Each subcommand parses its options, calls one function of the stage it belongs to, and prints the
+result. Errors the user can fix arrive as `SmallGPTError` and leave as one line on stderr with exit
+status 1 (`main` below); usage mistakes get typer's usage message and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from smallgpt import __version__
+from smallgpt.errors import SmallGPTError
+
+app = typer.Typer(
+    name="smallgpt",
+    help="SmallGPT: GPT-2-style language models, from raw text to generated text.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode=None,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"smallgpt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """SmallGPT: GPT-2-style language models, from raw text to generated text."""
+
+
+@app.command()
+def tokenize(
+    text: Annotated[str, typer.Argument(help="Text to split into GPT-2 BPE tokens.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print ids and pieces as JSON.")] = False,
+) -> None:
+    """Show how GPT-2's byte-pair encoding splits TEXT: ids, pieces and count."""
+    from smallgpt.tokenizer import encode, token_pieces
+
+    ids = encode(text)
+    pieces = token_pieces(ids)
+    if as_json:
+        print(json.dumps({"ids": ids, "pieces": pieces, "count": len(ids)}))
+        return
+    table = Table("#", "id", "piece")
+    for position, (token_id, piece) in enumerate(zip(ids, pieces, strict=True)):
+        table.add_row(str(position), str(token_id), repr(piece))
+    console.print(table)
+    console.print(f"ids: {ids}")
+    console.print(f"{len(ids)} tokens")
+
+
+@app.command()
+def model(
+    preset: Annotated[
+        str, typer.Option(help="Model preset: tiny, smallgpt-10m, smallgpt-26m, gpt2-124m.")
+    ] = "smallgpt-10m",
+    overrides: Annotated[
+        Optional[list[str]], typer.Argument(help="Config overrides such as n_layer=8 dropout=0.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Print a model preset's layers and parameter counts (total and non-embedding)."""
+    from smallgpt.config import get_preset, parse_overrides, with_overrides
+    from smallgpt.model import GPT
+
+    config = with_overrides(get_preset(preset), parse_overrides(overrides or []))
+    gpt = GPT(config)
+    rows = [(name, list(p.shape), p.numel()) for name, p in gpt.named_parameters()]
+    summary = {
+        "preset": preset,
+        "config": config.to_dict(),
+        "parameters": gpt.num_params(non_embedding=False),
+        "non_embedding_parameters": gpt.num_params(non_embedding=True),
+        "flops_per_token": gpt.flops_per_token(),
+        "layers": [{"name": n, "shape": s, "count": c} for n, s, c in rows],
+    }
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    table = Table("parameter", "shape", "count", title=f"{preset}: {config}")
+    for name, shape, count in rows:
+        table.add_row(name, "x".join(map(str, shape)), f"{count:,}")
+    console.print(table)
+    console.print(f"total parameters:         {summary['parameters']:,}  (head tied to wte)")
+    console.print(f"non-embedding parameters: {summary['non_embedding_parameters']:,}")
+    console.print(f"training FLOPs per token: {summary['flops_per_token']:,}")
+
+
+def main() -> None:
+    """Entry point of the `smallgpt` script: user errors become one line, never a traceback."""
+    try:
+        app()
+    except SmallGPTError as exc:
+        err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err_console.print("interrupted", markup=False)
+        sys.exit(130)

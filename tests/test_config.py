@@ -1,0 +1,58 @@
+import pytest
+
+from smallgpt.config import PRESETS, ModelConfig, get_preset, parse_overrides, with_overrides
+from smallgpt.errors import SmallGPTError
+from smallgpt.model import GPT
+
+
+def test_seed_preset_has_about_10_7m_non_embedding_parameters():
+    gpt = GPT(get_preset("smallgpt-10m"))
+    assert 10.6e6 < gpt.num_params() < 10.8e6
+
+
+def test_presets_build_and_gpt2_small_has_124m_parameters():
+    assert set(PRESETS) == {"tiny", "smallgpt-10m", "smallgpt-26m", "gpt2-124m"}
+    cfg = get_preset("gpt2-124m")
+    # GPT-2 small: 124,439,808 parameters with the unpadded 50,257-row embedding.
+    gpt = GPT(with_overrides(cfg, {"vocab_multiple": "1"}))
+    assert gpt.num_params(non_embedding=False) == 124_439_808
+    assert 20e6 < GPT(get_preset("smallgpt-26m")).num_params() < 27e6
+
+
+def test_vocab_padding_rounds_up():
+    assert ModelConfig().padded_vocab_size == 50304
+    assert ModelConfig(vocab_multiple=1).padded_vocab_size == 50257
+
+
+def test_overrides_are_typed():
+    cfg = with_overrides(ModelConfig(), parse_overrides(["n_layer=8", "dropout=0", "bias=false"]))
+    assert (cfg.n_layer, cfg.dropout, cfg.bias) == (8, 0.0, False)
+
+
+@pytest.mark.parametrize(
+    "pairs, message",
+    [
+        (["n_layer=-1"], "n_layer must be at least 1"),
+        (["n_head=5"], "does not divide"),
+        (["n_layers=2"], "unknown config field 'n_layers'"),
+        (["n_layer=two"], "not int"),
+        (["bias=maybe"], "not a boolean"),
+        (["n_layer"], "expected key=value"),
+        (["dropout=1.5"], "dropout"),
+    ],
+)
+def test_bad_overrides_are_refused(pairs, message):
+    with pytest.raises(SmallGPTError, match=message):
+        with_overrides(ModelConfig(), parse_overrides(pairs))
+
+
+def test_unknown_preset():
+    with pytest.raises(SmallGPTError, match="unknown preset 'huge'"):
+        get_preset("huge")
+
+
+def test_from_dict_round_trip_and_unknown_fields():
+    cfg = get_preset("tiny")
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(SmallGPTError, match="unknown model config field"):
+        ModelConfig.from_dict({**cfg.to_dict(), "rope": True})

@@ -1,0 +1,111 @@
+"""The model against an independent reference: Hugging Face's GPT2LMHeadModel with the same weights."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from smallgpt.config import ModelConfig, get_preset
+from smallgpt.interop import state_dict_from_hf
+from smallgpt.loss import linear_cross_entropy
+from smallgpt.model import GPT
+
+transformers = pytest.importorskip("transformers")
+
+SMALL = dict(vocab_size=50257, block_size=64, n_layer=2, n_head=4, n_embd=64, dropout=0.0)
+
+
+def hf_gpt2(seed: int = 0):
+    torch.manual_seed(seed)
+    hf_config = transformers.GPT2Config(
+        vocab_size=SMALL["vocab_size"],
+        n_positions=SMALL["block_size"],
+        n_layer=SMALL["n_layer"],
+        n_head=SMALL["n_head"],
+        n_embd=SMALL["n_embd"],
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    model = transformers.GPT2LMHeadModel(hf_config).eval()
+    # HF initialises biases and LayerNorms to constants; randomise them so the test covers them too.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("vocab_multiple", [1, 64])
+def test_logits_match_hf_gpt2(vocab_multiple):
+    hf = hf_gpt2()
+    config = ModelConfig(**SMALL, vocab_multiple=vocab_multiple)
+    ours = GPT(config).eval()
+    ours.load_state_dict(state_dict_from_hf(hf.state_dict(), config))
+    idx = torch.randint(0, 50257, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        got = ours(idx)
+    assert got.shape == expected.shape == (3, 40, 50257)
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_loss_matches_hf_loss():
+    hf = hf_gpt2()
+    config = ModelConfig(**SMALL)
+    ours = GPT(config).eval()
+    ours.load_state_dict(state_dict_from_hf(hf.state_dict(), config))
+    idx = torch.randint(0, 50257, (2, 33), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = hf(idx, labels=idx).loss  # HF shifts labels internally
+        got = ours(idx[:, :-1], idx[:, 1:])
+    assert abs(got.item() - expected.item()) < 1e-4
+
+
+def test_causality_future_tokens_do_not_change_past_logits():
+    model = GPT(get_preset("tiny")).eval()
+    a = torch.randint(0, 50257, (1, 20))
+    b = a.clone()
+    b[0, 10:] = torch.randint(0, 50257, (10,))
+    with torch.no_grad():
+        assert torch.allclose(model(a)[0, :10], model(b)[0, :10], atol=1e-6)
+
+
+def test_padded_vocabulary_ids_never_get_probability():
+    model = GPT(ModelConfig(**SMALL, vocab_multiple=64)).eval()
+    assert model.lm_head.weight.shape[0] == 50304
+    with torch.no_grad():
+        logits = model(torch.randint(0, 50257, (1, 8)))
+    assert logits.shape[-1] == 50257
+
+
+def test_gpt2_initialisation():
+    model = GPT(get_preset("smallgpt-10m"))
+    std = model.transformer.h[0].mlp.c_fc.weight.std().item()
+    proj_std = model.transformer.h[0].mlp.c_proj.weight.std().item()
+    assert abs(std - 0.02) < 0.002
+    assert abs(proj_std - 0.02 / (2 * 6) ** 0.5) < 0.001
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+@pytest.mark.parametrize("vocab_size, padded", [(100, 128), (128, 128)])
+def test_chunked_loss_and_gradients_equal_plain_cross_entropy(vocab_size, padded):
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(37, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(padded, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, vocab_size, (37,), generator=gen)
+    targets[[0, 5, 9]] = -1  # ignored positions
+    loss = linear_cross_entropy(hidden, weight, targets, vocab_size, chunk_rows=8)
+    loss.backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    reference = F.cross_entropy((hidden @ weight.t())[:, :vocab_size], targets, ignore_index=-1)
+    reference.backward()
+    assert torch.allclose(loss, reference, atol=1e-12)
+    assert torch.allclose(grads[0], hidden.grad, atol=1e-12)
+    assert torch.allclose(grads[1], weight.grad, atol=1e-12)
+
+
+def test_sequence_longer_than_context_is_refused():
+    model = GPT(ModelConfig(**SMALL))
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        model(torch.zeros(1, 65, dtype=torch.long))
