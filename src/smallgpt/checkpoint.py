@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from smallgpt.config import ModelConfig
@@ -71,7 +71,7 @@ def read_model_config(weights: Path) -> ModelConfig:
     try:
         with safe_open(str(weights), framework="pt") as f:
             metadata = f.metadata() or {}
-    except (SafetensorsError, OSError) as exc:
+    except (SafetensorError, OSError) as exc:
         raise SmallGPTError(f"{weights} is not a readable safetensors file ({exc})") from None
     if CONFIG_KEY not in metadata:
         raise SmallGPTError(f"{weights} has no SmallGPT model config (not a SmallGPT checkpoint)")
@@ -85,7 +85,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPT:
     model = GPT(config)
     try:
         state = load_file(str(weights), device=str(device))
-    except (SafetensorsError, OSError) as exc:
+    except (SafetensorError, OSError) as exc:
         raise SmallGPTError(f"cannot read weights from {weights} ({exc})") from None
     if "transformer.wte.weight" in state:
         state["lm_head.weight"] = state["transformer.wte.weight"]
