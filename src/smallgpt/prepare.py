@@ -1,0 +1,402 @@
+"""Raw text → GPT-2 token files: `train.bin`, `val.bin` and `meta.json`.
+
+Every source — the corpus shipped with the package, a Hugging Face dataset such as OpenWebText, or the
+user's own `.txt` / `.jsonl` / `.jsonl.gz` / `.parquet` files — is read through the same Hugging Face
+`datasets` streaming reader, so memory stays flat however big the corpus is. Each document goes to the
+train or the validation split by a seeded coin flip, is tokenized (batches in a thread pool: tiktoken
+releases the GIL, so every core works) and appended to its split's file followed by one
+`<|endoftext|>` (id 50256). Ids fit in uint16 because GPT-2's vocabulary has 50,257 < 65,536 entries.
+
+Files are written under hidden temporary names and renamed only when the whole corpus has been read;
+`meta.json` is renamed last, so a directory with a `meta.json` is a complete one.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import json
+import os
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from smallgpt.errors import SmallGPTError
+from smallgpt.tokenizer import EOT_ID, get_tokenizer, tokenizer_hash
+
+OUTPUT_FILES = ("train.bin", "val.bin", "meta.json")
+HF_ALIASES = {"openwebtext": "Skylion007/openwebtext"}
+# File suffix → the `datasets` builder that reads it.
+LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".jsonl.gz": "json", ".parquet": "parquet"}
+DOCS_PER_BATCH = 512  # documents per read and per tokenizer job: big enough to amortise overheads
+DEFAULT_CORPUS_VAL_FRACTION = 0.05  # the bundled corpus has only 413 documents
+
+
+class _ReplacementCounter:
+    """A codecs error handler: like errors="replace" (one U+FFFD per invalid byte run), but counting."""
+
+    name = "smallgpt-count-replace"
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, error: UnicodeDecodeError) -> tuple[str, int]:
+        self.count += 1
+        return "\ufffd", error.end
+
+
+REPLACEMENTS = _ReplacementCounter()
+codecs.register_error(REPLACEMENTS.name, REPLACEMENTS)
+
+
+def cache_dir() -> Path:
+    """`$SMALLGPT_CACHE`, else `$XDG_CACHE_HOME/smallgpt`, else `~/.cache/smallgpt`."""
+    if os.environ.get("SMALLGPT_CACHE"):
+        return Path(os.environ["SMALLGPT_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg) / "smallgpt"
+
+
+def default_data_dir() -> Path:
+    """The bundled corpus, prepared into the cache on first use and reused afterwards."""
+    out_dir = cache_dir() / "data" / "default"
+    meta_path = out_dir / "meta.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("source") == "default" and meta.get("tokenizer", {}).get("hash") == tokenizer_hash():
+            return out_dir
+    prepare_corpus("default", out_dir, val_fraction=DEFAULT_CORPUS_VAL_FRACTION, force=True)
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sources: which `datasets` reader, over which files
+
+
+def _local_format(path: Path) -> str | None:
+    suffix = next((s for s in LOCAL_FORMATS if path.name.lower().endswith(s)), None)
+    return suffix and LOCAL_FORMATS[suffix]
+
+
+def _local_files(source: str) -> list[Path] | None:
+    """The files a local source names, or None when `source` is not a local path (a dataset name)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        candidates = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        files = [p for p in candidates if _local_format(p)]
+        if not files:
+            raise SmallGPTError(f"no .txt, .jsonl, .jsonl.gz or .parquet files in directory {source}")
+        return files
+    if path.is_file():
+        return [path]
+    if glob.has_magic(source):
+        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True))
+        files = [p for p in files if p.is_file()]
+        if not files:
+            raise SmallGPTError(f"no files match {source}")
+        return files
+    if source.startswith((".", "/", "~")) or "." in Path(source).name:
+        raise SmallGPTError(f"no such file or directory: {source}")
+    return None
+
+
+def _open_local(files: list[Path], text_field: str, doc_separator: str | None):
+    formats = {_local_format(p) for p in files}
+    if None in formats:
+        bad = next(p for p in files if _local_format(p) is None)
+        raise SmallGPTError(f"unsupported file type: {bad} (expected .txt, .jsonl, .jsonl.gz or .parquet)")
+    if len(formats) > 1:
+        raise SmallGPTError(f"the source mixes file types ({', '.join(sorted(formats))}): use one kind")
+    builder = formats.pop()
+    options: dict = {}
+    if builder == "text":
+        # One document per file (split further by --doc-separator later); bad UTF-8 is counted.
+        options = {"sample_by": "document", "encoding_errors": REPLACEMENTS.name}
+    elif builder == "json":
+        # Spelled "utf8" rather than "utf-8" on purpose: only then does the JSON reader decode the bytes
+        # itself (honouring our counting error handler) instead of handing raw bytes to pyarrow, which
+        # rejects invalid UTF-8 outright.
+        options = {"encoding": "utf8", "encoding_errors": REPLACEMENTS.name}
+    elif doc_separator is not None:
+        raise SmallGPTError("--doc-separator applies to .txt files only")
+    if builder == "text":
+        text_field = "text"  # the text reader always names its column "text"
+    return _load_dataset(builder, data_files=[str(p) for p in files], split="train", **options), text_field
+
+
+def _load_dataset(name: str, **kwargs):
+    """`datasets.load_dataset(..., streaming=True)` with its failures turned into one-line errors."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    try:
+        return datasets.load_dataset(name, streaming=True, **kwargs)
+    except ConnectionError:
+        raise SmallGPTError(
+            f"cannot reach dataset {name!r} on the Hugging Face Hub: it can't be downloaded offline "
+            "(and there is no local file or directory of that name)"
+        ) from None
+    except (FileNotFoundError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SmallGPTError(f"cannot load dataset {name!r}: {first_line}") from None
+
+
+def open_source(source: str, text_field: str, split: str, doc_separator: str | None):
+    """(streaming dataset, name of its text column) for any source `prepare_corpus` accepts."""
+    if source == "default":
+        corpus = resources.files("smallgpt") / "assets" / "default-corpus.jsonl.gz"
+        return _open_local([Path(str(corpus))], "text", doc_separator)
+    files = _local_files(source)
+    if files is not None:
+        return _open_local(files, text_field, doc_separator)
+    if doc_separator is not None:
+        raise SmallGPTError("--doc-separator applies to local .txt files only")
+    return _load_dataset(HF_ALIASES.get(source, source), split=split), text_field
+
+
+def document_batches(dataset, text_field: str, doc_separator: str | None, source: str):
+    """Lists of document texts, DOCS_PER_BATCH at a time; raises on records without the text field."""
+    if dataset.column_names is not None:
+        if text_field not in dataset.column_names:
+            fields = ", ".join(dataset.column_names)
+            raise SmallGPTError(f"{source} has no field {text_field!r} (fields: {fields}); use --text-field")
+        dataset = dataset.select_columns([text_field])
+    try:
+        for batch in dataset.iter(batch_size=DOCS_PER_BATCH):
+            if text_field not in batch:
+                raise SmallGPTError(f"{source} has no field {text_field!r}; use --text-field")
+            texts = batch[text_field]
+            if any(not isinstance(text, str) for text in texts):
+                raise SmallGPTError(f"a record of {source} has no text in field {text_field!r}")
+            if doc_separator is not None:
+                texts = [piece for text in texts for piece in text.split(doc_separator)]
+            yield texts
+    except (UnicodeDecodeError, ValueError, OSError) as exc:  # pyarrow / json parse errors
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SmallGPTError(f"cannot read {source}: {first_line}") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenizing and writing
+
+
+def encode_documents(texts: list[str]) -> np.ndarray:
+    """The documents' GPT-2 ids as one uint16 array, each document followed by `<|endoftext|>`.
+
+    `encode_to_numpy` with no special tokens allowed or disallowed equals `encode_ordinary`, but hands
+    back a buffer instead of a list of Python ints, so the GIL is held only briefly.
+    """
+    encoding = get_tokenizer()
+    eot = np.array([EOT_ID], dtype=np.uint32)
+    parts = []
+    for text in texts:
+        parts += [encoding.encode_to_numpy(text, disallowed_special=()), eot]
+    return np.concatenate(parts).astype(np.uint16) if parts else np.empty(0, dtype=np.uint16)
+
+
+class SplitWriter:
+    """Appends one split's tokens to a hidden temporary file and keeps the split's statistics."""
+
+    def __init__(self, final_path: Path) -> None:
+        self.final_path = final_path
+        self.tmp_path = final_path.with_name(f".{final_path.name}.tmp-{os.getpid()}")
+        self.file = open(self.tmp_path, "wb")  # noqa: SIM115 (closed in finish/discard)
+        self.documents = 0
+        self.tokens = 0
+        self.token_counts = np.zeros(EOT_ID + 1, dtype=np.int64)
+
+    def append(self, tokens: np.ndarray, documents: int) -> None:
+        tokens.tofile(self.file)
+        self.documents += documents
+        self.tokens += len(tokens)
+        self.token_counts += np.bincount(tokens, minlength=EOT_ID + 1)
+
+    def statistics(self, block_size: int) -> dict:
+        return {
+            "documents": self.documents,
+            "tokens": self.tokens,
+            "unique_tokens": int(np.count_nonzero(self.token_counts)),
+            # Non-overlapping (x, y) pairs: x = block_size tokens, y = the same shifted by one.
+            "samples": max(self.tokens - 1, 0) // block_size,
+        }
+
+    def finish(self) -> None:
+        self.file.close()
+        self.tmp_path.replace(self.final_path)
+
+    def discard(self) -> None:
+        self.file.close()
+        self.tmp_path.unlink(missing_ok=True)
+
+
+def _progress(total: int | None, enabled: bool) -> Progress:
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]tokenizing"),
+        BarColumn(),
+        TextColumn("{task.completed:,} docs · {task.fields[tokens]:,} tokens"),
+        TextColumn("· {task.fields[docs_rate]:,.0f} docs/s · {task.fields[tokens_rate]:,.0f} tokens/s"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+    )
+
+
+def _check_arguments(out_dir: Path, val_fraction: float, block_size: int, max_docs: int | None, force: bool):
+    if not 0 <= val_fraction < 1:
+        raise SmallGPTError(f"--val-fraction must be in [0, 1), not {val_fraction}")
+    if block_size < 1:
+        raise SmallGPTError(f"--block-size must be at least 1, not {block_size}")
+    if max_docs is not None and max_docs < 1:
+        raise SmallGPTError(f"--max-docs must be at least 1, not {max_docs}")
+    existing = [name for name in OUTPUT_FILES if (out_dir / name).exists()]
+    if existing and not force:
+        raise SmallGPTError(f"{out_dir} already holds prepared data ({', '.join(existing)}); use --force")
+
+
+def prepare_corpus(
+    source: str,
+    out_dir: str | Path,
+    *,
+    val_fraction: float = 0.005,
+    seed: int = 1337,
+    max_docs: int | None = None,
+    text_field: str = "text",
+    split: str = "train",
+    doc_separator: str | None = None,
+    block_size: int = 256,
+    force: bool = False,
+    show_progress: bool = True,
+) -> dict:
+    """Tokenize `source` into `out_dir/{train,val}.bin` + `meta.json`; returns the meta dict."""
+    out_dir = Path(out_dir)
+    _check_arguments(out_dir, val_fraction, block_size, max_docs, force)
+    dataset, text_field = open_source(source, text_field, split, doc_separator)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writers = {name: SplitWriter(out_dir / f"{name}.bin") for name in ("train", "val")}
+    coin = np.random.default_rng(seed)  # one draw per document, in stream order: deterministic split
+    replaced_before, documents, skipped = REPLACEMENTS.count, 0, 0
+    pending: deque[tuple[SplitWriter, int, Future]] = deque()
+    workers = os.cpu_count() or 1
+    started = time.perf_counter()
+
+    def write_oldest() -> None:
+        writer, count, future = pending.popleft()
+        writer.append(future.result(), count)
+
+    try:
+        with ThreadPoolExecutor(workers) as pool, _progress(max_docs, show_progress) as progress:
+            task = progress.add_task("", total=max_docs, tokens=0, docs_rate=0.0, tokens_rate=0.0)
+            for texts in document_batches(dataset, text_field, doc_separator, source):
+                kept = [text for text in texts if text and not text.isspace()]
+                skipped += len(texts) - len(kept)
+                if max_docs is not None:
+                    kept = kept[: max_docs - documents]
+                documents += len(kept)
+                to_val = coin.random(len(kept)) < val_fraction
+                for name, in_split in (("train", ~to_val), ("val", to_val)):
+                    chosen = [text for text, keep in zip(kept, in_split, strict=True) if keep]
+                    if chosen:
+                        pending.append((writers[name], len(chosen), pool.submit(encode_documents, chosen)))
+                # Keep every core busy while bounding the texts held in memory.
+                while len(pending) > 2 * workers:
+                    write_oldest()
+                tokens = writers["train"].tokens + writers["val"].tokens
+                elapsed = time.perf_counter() - started
+                progress.update(
+                    task,
+                    completed=documents,
+                    tokens=tokens,
+                    docs_rate=documents / elapsed,
+                    tokens_rate=tokens / elapsed,
+                )
+                if documents == max_docs:
+                    break
+            while pending:
+                write_oldest()
+        _check_splits(writers, source, val_fraction)
+    except BaseException:
+        for writer in writers.values():
+            writer.discard()
+        raise
+    meta = {
+        "source": source,
+        "tokenizer": {"name": "gpt2", "hash": tokenizer_hash(), "eot_id": EOT_ID, "dtype": "uint16"},
+        "arguments": {
+            "val_fraction": val_fraction,
+            "seed": seed,
+            "max_docs": max_docs,
+            "text_field": text_field,
+            "split": split,
+            "doc_separator": doc_separator,
+            "block_size": block_size,
+        },
+        "replaced_characters": REPLACEMENTS.count - replaced_before,
+        "empty_documents_skipped": skipped,
+        "seconds": round(time.perf_counter() - started, 2),
+        "splits": {name: writer.statistics(block_size) for name, writer in writers.items()},
+        "total": {
+            "documents": documents,
+            "tokens": writers["train"].tokens + writers["val"].tokens,
+            "unique_tokens": int(
+                np.count_nonzero(writers["train"].token_counts + writers["val"].token_counts)
+            ),
+        },
+    }
+    _publish(out_dir, writers, meta)
+    return meta
+
+
+def _check_splits(writers: dict[str, SplitWriter], source: str, val_fraction: float) -> None:
+    documents = writers["train"].documents + writers["val"].documents
+    if documents == 0:
+        raise SmallGPTError(f"{source} holds no documents (all empty or whitespace)")
+    if val_fraction > 0 and writers["val"].documents == 0:
+        raise SmallGPTError(
+            f"none of the {documents} documents fell into the validation split at --val-fraction "
+            f"{val_fraction}: raise it, add documents, or use --val-fraction 0"
+        )
+    if writers["train"].documents == 0:
+        raise SmallGPTError(f"all {documents} documents fell into the validation split: lower --val-fraction")
+
+
+def _publish(out_dir: Path, writers: dict[str, SplitWriter], meta: dict) -> None:
+    """Rename the finished files into place; meta.json goes last and marks the directory complete."""
+    (out_dir / "meta.json").unlink(missing_ok=True)
+    for writer in writers.values():
+        writer.finish()
+    tmp_meta = out_dir / f".meta.json.tmp-{os.getpid()}"
+    tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
+    tmp_meta.replace(out_dir / "meta.json")
+
+
+def statistics_table(meta: dict) -> Table:
+    """The seed's "Dataset Statistics" table, per split."""
+    splits = meta["splits"]
+    block_size = meta["arguments"]["block_size"]
+    table = Table("", "train", "val", "total", title=f"Dataset statistics: {meta['source']}")
+    for key, label in [("documents", "documents"), ("tokens", "tokens (EOT included)")]:
+        table.add_row(
+            label, f"{splits['train'][key]:,}", f"{splits['val'][key]:,}", f"{meta['total'][key]:,}"
+        )
+    table.add_row(
+        "unique tokens",
+        f"{splits['train']['unique_tokens']:,}",
+        f"{splits['val']['unique_tokens']:,}",
+        f"{meta['total']['unique_tokens']:,}",
+    )
+    table.add_row(
+        f"samples (block {block_size} → next {block_size})",
+        f"{splits['train']['samples']:,}",
+        f"{splits['val']['samples']:,}",
+        "",
+    )
+    return table
