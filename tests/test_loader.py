@@ -1,0 +1,136 @@
+"""The loader: memory-mapped splits, counter-based random batches (resume, DDP), sequential passes."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from smallgpt.errors import SmallGPTError
+from smallgpt.loader import RandomBatches, load_split, sequential_batches
+
+# Distinct values, so a window's first token tells where it starts.
+TOKENS = np.arange(10_001, dtype=np.uint16)
+
+
+def batches(sampler: RandomBatches, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [sampler.next_batch() for _ in range(count)]
+
+
+def assert_same(a, b) -> None:
+    assert len(a) == len(b)
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_load_split_is_a_read_only_memmap(tmp_path):
+    TOKENS.tofile(tmp_path / "train.bin")
+    tokens = load_split(tmp_path, "train")
+    assert isinstance(tokens, np.memmap) and tokens.dtype == np.uint16
+    assert np.array_equal(tokens, TOKENS)
+    with pytest.raises(ValueError):
+        tokens[0] = 1
+
+
+@pytest.mark.parametrize(
+    "setup, split, message",
+    [
+        (lambda d: None, "train", "no train.bin"),
+        (lambda d: (d / "val.bin").write_bytes(b""), "val", "is empty"),
+        (lambda d: (d / "train.bin").write_bytes(b"abc"), "train", "odd number of bytes"),
+        (lambda d: None, "test", "unknown split"),
+    ],
+)
+def test_load_split_rejects_bad_files(tmp_path, setup, split, message):
+    setup(tmp_path)
+    with pytest.raises(SmallGPTError, match=message):
+        load_split(tmp_path, split)
+
+
+def test_random_batches_are_shifted_windows_of_the_stream():
+    x, y = RandomBatches(TOKENS, block_size=16, batch_size=8, seed=0).next_batch()
+    assert x.shape == y.shape == (8, 16) and x.dtype == y.dtype == torch.int64
+    for row_x, row_y in zip(x, y, strict=True):
+        start = int(row_x[0])
+        assert torch.equal(row_x, torch.arange(start, start + 16))
+        assert torch.equal(row_y, row_x + 1)
+        assert start + 16 < len(TOKENS)
+
+
+def test_random_batches_reach_the_last_window_and_no_further():
+    tokens = np.arange(6, dtype=np.uint16)  # windows of 5 tokens: starts 0 and 1 only
+    x, y = RandomBatches(tokens, block_size=4, batch_size=200, seed=3).next_batch()
+    assert set(x[:, 0].tolist()) == {0, 1}
+    assert int(y.max()) == 5
+
+
+def test_same_seed_same_batches_other_seed_other_batches():
+    one = batches(RandomBatches(TOKENS, 16, 4, seed=7), 3)
+    assert_same(one, batches(RandomBatches(TOKENS, 16, 4, seed=7), 3))
+    other = batches(RandomBatches(TOKENS, 16, 4, seed=8), 3)
+    assert not torch.equal(one[0][0], other[0][0])
+
+
+def test_state_round_trip_continues_exactly():
+    sampler = RandomBatches(TOKENS, 16, 4, seed=5)
+    batches(sampler, 3)
+    state = json.loads(json.dumps(sampler.state_dict()))
+    expected = batches(sampler, 4)
+    resumed = RandomBatches(TOKENS, 16, 4, seed=999)  # the seed comes from the state
+    resumed.load_state_dict(state)
+    assert_same(batches(resumed, 4), expected)
+
+
+def test_two_ranks_see_what_one_process_sees_with_two_accumulation_steps():
+    single = batches(RandomBatches(TOKENS, 16, 4, seed=11), 6)
+    rank0 = batches(RandomBatches(TOKENS, 16, 4, seed=11, rank=0, world_size=2), 3)
+    rank1 = batches(RandomBatches(TOKENS, 16, 4, seed=11, rank=1, world_size=2), 3)
+    assert_same(single[0::2], rank0)
+    assert_same(single[1::2], rank1)
+    assert not torch.equal(rank0[0][0], rank1[0][0])
+
+
+def test_resume_on_a_different_world_size():
+    two_ranks = RandomBatches(TOKENS, 16, 4, seed=2, rank=1, world_size=2)
+    batches(two_ranks, 3)  # the world drew 6 micro-batches
+    single = RandomBatches(TOKENS, 16, 4, seed=2)
+    single.load_state_dict(two_ranks.state_dict())
+    assert_same(batches(single, 2), batches(RandomBatches(TOKENS, 16, 4, seed=2), 8)[6:])
+    four_ranks = RandomBatches(TOKENS, 16, 4, seed=2, rank=0, world_size=4)
+    with pytest.raises(SmallGPTError, match="does not divide evenly"):
+        four_ranks.load_state_dict(two_ranks.state_dict())
+
+
+@pytest.mark.parametrize(
+    "tokens, kwargs, message",
+    [
+        (TOKENS[:16], {"block_size": 16}, "fewer than block_size"),
+        (TOKENS, {"block_size": 16, "rank": 2, "world_size": 2}, "outside a world"),
+        (TOKENS, {"block_size": 0}, "at least 1"),
+    ],
+)
+def test_bad_layouts_are_refused(tokens, kwargs, message):
+    with pytest.raises(SmallGPTError, match=message):
+        RandomBatches(tokens, batch_size=4, seed=0, **kwargs)
+    with pytest.raises(SmallGPTError, match=message):
+        next(sequential_batches(tokens, batch_size=4, **kwargs))
+
+
+def test_sequential_pass_covers_every_block_once_in_order():
+    tokens = TOKENS[:1001]  # (1001 - 1) // 16 = 62 blocks; the last full block ends at token 992
+    pairs = list(sequential_batches(tokens, block_size=16, batch_size=5))
+    assert [len(x) for x, _ in pairs] == [5] * 12 + [2]
+    x = torch.cat([x for x, _ in pairs])
+    y = torch.cat([y for _, y in pairs])
+    assert torch.equal(x.flatten(), torch.arange(62 * 16))
+    assert torch.equal(y, x + 1)
+
+
+def test_sequential_ranks_are_disjoint_and_together_complete():
+    tokens = TOKENS[:1001]
+    starts = {}
+    for rank in range(3):
+        xs = [x for x, _ in sequential_batches(tokens, 16, 4, rank=rank, world_size=3)]
+        starts[rank] = torch.cat(xs)[:, 0].tolist()
+    assert all(set(starts[a]).isdisjoint(starts[b]) for a in range(3) for b in range(a + 1, 3))
+    assert sorted(sum(starts.values(), [])) == list(range(0, 62 * 16, 16))
