@@ -1,0 +1,288 @@
+"""Text generation: prompts in, sampled continuations out, one cached decode step per token.
+
+    encode prompts -> left-pad into one batch -> prefill the KV cache (one forward over the prompts)
+      -> repeat: sample a token per row (temperature, top-k, top-p) -> decode it into text
+                 -> forward only that token through the cache
+    until every row hits <|endoftext|>, a stop string, or max_new_tokens.
+
+The context window: GPT-2's positions are learned absolute embeddings, so every cached key depends on
+where its token sat in the window. A prompt longer than the context keeps its last `block_size` tokens;
+once prompt + output fill the window, each further token is predicted from the last `block_size` tokens
+by recomputing that window (`_prefill`) -- exactly what the model saw in training, never a shifted cache
+with stale positions. Within the window a step costs one position's work.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from smallgpt.errors import SmallGPTError
+from smallgpt.model import GPT, KVCache
+from smallgpt.tokenizer import EOT_ID, encode, get_tokenizer
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token. Same seed, same prompts, same model -> same text."""
+
+    max_new_tokens: int = 100
+    temperature: float = 1.0  # 0 = greedy (always the most probable token)
+    top_k: int | None = None  # sample only among the k most probable tokens
+    top_p: float | None = None  # ... only among the smallest set whose probability mass reaches p
+    seed: int | None = None  # None = a fresh random seed per call
+    stop: tuple[str, ...] = ()  # end when the text contains one of these (not included in the text)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop", tuple(self.stop))  # accept a list too
+        checks = [
+            (self.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {self.max_new_tokens}"),
+            (self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}"),
+            (self.top_k is None or self.top_k >= 1, f"top_k must be at least 1, got {self.top_k}"),
+            (self.top_p is None or 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty text"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SmallGPTError(message)
+
+
+@dataclass
+class Completion:
+    """One prompt's result.
+
+    `text` is the new text only, cut before a stop string. `token_ids` are all sampled tokens,
+    including a final <|endoftext|> or the tokens of a matched stop string, so `len(token_ids)` is
+    the number of tokens generated. `prompt_tokens` counts the prompt's tokens (an empty prompt
+    counts the one <|endoftext|> it starts from). `finish_reason` is "stop" (<|endoftext|> or a stop
+    string) or "length" (max_new_tokens reached).
+    """
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str
+
+
+def sample_next_token(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """One token id per row of `logits` (B, vocab) under temperature, top-k and top-p."""
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / params.temperature
+    candidates = None  # when set, column j of the scores belongs to token candidates[:, j]
+    if params.top_k is not None and params.top_k < logits.shape[-1]:
+        logits, candidates = logits.topk(params.top_k, dim=-1)  # sorted, most probable first
+    probs = logits.softmax(dim=-1)
+    if params.top_p is not None and params.top_p < 1:
+        if candidates is None:
+            probs, candidates = _sorted_prefix_holding_mass(probs, params.top_p)
+        # Keep the smallest most-probable-first prefix whose mass reaches p: a token stays while the
+        # mass strictly before it is still short of p (so the most probable token always stays).
+        mass_before = probs.cumsum(dim=-1) - probs
+        probs = probs.masked_fill(mass_before >= params.top_p, 0.0)
+    choice = _draw(probs, generator)
+    return choice[:, 0] if candidates is None else candidates.gather(1, choice)[:, 0]
+
+
+def _sorted_prefix_holding_mass(probs: torch.Tensor, mass: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The most probable tokens, sorted, enough of them to hold `mass` in every row.
+
+    Sorting all 50,257 probabilities costs milliseconds on a CPU; a top-k of a few hundred is cheap and
+    usually holds the nucleus of a trained model. Grow k until it does (at worst the whole vocabulary).
+    """
+    k = min(256, probs.shape[-1])
+    while True:
+        top, ids = probs.topk(k, dim=-1)
+        if k == probs.shape[-1] or bool((top.sum(dim=-1) >= mass).all()):
+            return top, ids
+        k = min(4 * k, probs.shape[-1])
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Sample a column per row in proportion to the (unnormalised) `probs`, shape (B, 1).
+
+    Inverse-CDF sampling: one uniform number per row, located in the running sum of the
+    probabilities. (torch.multinomial does the same job ~20x slower on a CPU for a 50k vocabulary.)
+    A zero-probability column can never be hit: the draw stays strictly below the total, and it lands
+    on the first column whose running sum exceeds it, which is a column that added mass.
+    """
+    cdf = probs.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=probs.dtype) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, u, right=True)
+
+
+class TextStream(Iterator[str]):
+    """The text of one completion, delta by delta, as tokens are produced.
+
+    Iterate it for the deltas; once it is exhausted, `.completion` holds the final `Completion` (it
+    is also the `StopIteration` value, so `completion = yield from stream` works).
+    """
+
+    def __init__(self, steps: Iterator[list[str]]):
+        self._steps = steps
+        self.completion: Completion | None = None
+
+    def __next__(self) -> str:
+        while self.completion is None:
+            try:
+                delta = next(self._steps)[0]
+            except StopIteration as done:
+                self.completion = done.value[0]
+                break
+            if delta:
+                return delta
+        raise StopIteration(self.completion)
+
+    def close(self) -> None:
+        """Abandon the completion early (a server's client left): no more tokens are computed."""
+        self._steps.close()
+
+
+class _RowText:
+    """Turns one row's tokens into text deltas: whole UTF-8 characters only, stop strings held back."""
+
+    def __init__(self, stop: tuple[str, ...]):
+        self.stop = stop
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""  # decoded so far, cut at a stop string once one matches
+        self.emitted = 0  # how much of `text` has been handed out
+        self.stopped = False
+
+    def add(self, token_bytes: bytes, final: bool = False) -> str:
+        """Append a token's bytes (the decoder holds back an unfinished character) and return the delta."""
+        searched_up_to = max(0, len(self.text) - max((len(s) for s in self.stop), default=0) + 1)
+        self.text += self.utf8.decode(token_bytes, final=final)
+        hits = [i for i in (self.text.find(s, searched_up_to) for s in self.stop) if i >= 0]
+        if hits:
+            self.text, self.stopped = self.text[: min(hits)], True
+            safe = len(self.text)
+        else:  # hold back a tail that could still grow into a stop string
+            safe = len(self.text) - (0 if final else self._stop_prefix_length())
+        delta, self.emitted = self.text[self.emitted : safe], max(self.emitted, safe)
+        return delta
+
+    def _stop_prefix_length(self) -> int:
+        """Length of the longest end of `text` that is the start of some stop string."""
+        for size in range(min(max((len(s) for s in self.stop), default=1) - 1, len(self.text)), 0, -1):
+            if any(s.startswith(self.text[-size:]) for s in self.stop):
+                return size
+        return 0
+
+
+class Generator:
+    """Samples continuations of prompts from a GPT, with a KV cache. The CLI and server sit on this.
+
+    `generate` takes a batch of prompts of any lengths; `stream` yields one prompt's text as it
+    is produced. Forward passes run in eval mode (no dropout); a model in training mode is put back.
+    """
+
+    def __init__(self, model: GPT, device: str | torch.device | None = None):
+        self.tokenizer = get_tokenizer()
+        if model.config.vocab_size != self.tokenizer.n_vocab:
+            raise SmallGPTError(
+                f"model has a {model.config.vocab_size}-token vocabulary; generation needs GPT-2's "
+                f"{self.tokenizer.n_vocab} (incompatible checkpoint)"
+            )
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model = model.to(self.device)
+
+    def generate(self, prompts: list[str], params: SamplingParams) -> list[Completion]:
+        """Complete every prompt; row i of the result belongs to prompts[i]."""
+        steps = self._steps(prompts, params)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def stream(self, prompt: str, params: SamplingParams) -> TextStream:
+        """Text deltas of one completion as produced; `.completion` of the stream once exhausted."""
+        return TextStream(self._steps([prompt], params))
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The prompt's tokens; an empty prompt starts from <|endoftext|>, as GPT-2 documents begin."""
+        if not isinstance(prompt, str):
+            raise SmallGPTError(f"prompt must be a string, not {type(prompt).__name__}")
+        return encode(prompt) or [EOT_ID]
+
+    def _steps(self, prompts: list[str], params: SamplingParams):
+        """Yield each step's text delta per row; return the list of `Completion`s.
+
+        Nothing is held across a `yield` (no inference mode, no eval mode), so several of these can be
+        advanced in turn on one thread, as the server does, and closed at any point.
+        """
+        if not prompts:
+            raise SmallGPTError("no prompts to complete")
+        histories = [self.prompt_ids(p) for p in prompts]
+        prompt_lengths = [len(h) for h in histories]
+        rows = [_RowText(params.stop) for _ in prompts]
+        token_ids: list[list[int]] = [[] for _ in prompts]
+        finish: list[str | None] = [None] * len(prompts)
+        rng = torch.Generator(device=self.device)
+        rng.manual_seed(params.seed) if params.seed is not None else rng.seed()
+        dtype = next(self.model.parameters()).dtype
+        cache = KVCache(self.model.config, len(prompts), self.device, dtype)
+        logits, filled = self._prefill(cache, histories)
+        for step in range(params.max_new_tokens):
+            with torch.inference_mode():
+                next_tokens = sample_next_token(logits, params, rng)
+            last = step == params.max_new_tokens - 1
+            deltas = []
+            for i, token in enumerate(next_tokens.tolist()):
+                if finish[i] is not None:
+                    deltas.append("")
+                    continue
+                token_ids[i].append(token)
+                histories[i].append(token)
+                if token == EOT_ID:
+                    deltas.append(rows[i].add(b"", final=True))
+                    finish[i] = "stop"
+                else:
+                    deltas.append(rows[i].add(self.tokenizer.decode_single_token_bytes(token), final=last))
+                    finish[i] = "stop" if rows[i].stopped else "length" if last else None
+            yield deltas
+            if all(reason is not None for reason in finish):
+                break
+            if filled == cache.capacity:  # window full: recompute it from the last block_size tokens
+                logits, filled = self._prefill(cache, histories)
+            else:
+                logits, filled = self._forward(next_tokens[:, None], cache), filled + 1
+        return [
+            Completion(row.text, ids, n, reason)
+            for row, ids, n, reason in zip(rows, token_ids, prompt_lengths, finish, strict=True)
+        ]
+
+    def _prefill(self, cache: KVCache, histories: list[list[int]]) -> tuple[torch.Tensor, int]:
+        """Fill an emptied cache with each row's last block_size tokens, left-padded to end together.
+
+        Returns the next-token logits and the number of slots now filled.
+        """
+        windows = [h[-cache.capacity :] for h in histories]
+        width = max(len(w) for w in windows)
+        idx = torch.zeros(len(windows), width, dtype=torch.long)
+        valid = torch.zeros(len(windows), width, dtype=torch.bool)
+        for row, window in enumerate(windows):
+            idx[row, width - len(window) :] = torch.tensor(window)
+            valid[row, width - len(window) :] = True
+        cache.reset()
+        valid_arg = None if bool(valid.all()) else valid.to(self.device)
+        return self._forward(idx.to(self.device), cache, valid_arg), width
+
+    def _forward(self, idx: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """`GPT.forward_cached` in inference mode and eval mode (no dropout), the caller's mode restored."""
+        was_training = self.model.training
+        if was_training:
+            self.model.eval()
+        try:
+            with torch.inference_mode():
+                return self.model.forward_cached(idx, cache, valid)
+        finally:
+            if was_training:
+                self.model.train()
