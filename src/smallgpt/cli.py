@@ -103,6 +103,50 @@ def model(
     console.print(f"training FLOPs per token: {summary['flops_per_token']:,}")
 
 
+@app.command()
+def prepare(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="'default' (bundled corpus), 'openwebtext', a Hugging Face dataset name, or local "
+            ".txt/.jsonl/.jsonl.gz/.parquet files: a file, a directory or a glob."
+        ),
+    ],
+    out: Annotated[str, typer.Option("--out", help="Output directory for train.bin, val.bin, meta.json.")],
+    val_fraction: Annotated[float, typer.Option(help="Share of documents for validation.")] = 0.005,
+    seed: Annotated[int, typer.Option(help="Seed of the train/val split.")] = 1337,
+    max_docs: Annotated[Optional[int], typer.Option(help="Stop after this many documents.")] = None,
+    text_field: Annotated[str, typer.Option(help="Field holding the text (JSON / parquet / HF).")] = "text",
+    split: Annotated[str, typer.Option(help="Split of a Hugging Face dataset to read.")] = "train",
+    doc_separator: Annotated[
+        Optional[str], typer.Option(help="Split .txt files into documents at this string.")
+    ] = None,
+    block_size: Annotated[int, typer.Option(help="Block size for the samples statistic.")] = 256,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing prepared data.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Tokenize a corpus into OUT/train.bin, OUT/val.bin (uint16 GPT-2 ids) and OUT/meta.json."""
+    from smallgpt.prepare import prepare_corpus, statistics_table
+
+    meta = prepare_corpus(
+        source,
+        out,
+        val_fraction=val_fraction,
+        seed=seed,
+        max_docs=max_docs,
+        text_field=text_field,
+        split=split,
+        doc_separator=doc_separator,
+        block_size=block_size,
+        force=force,
+        show_progress=not quiet,
+    )
+    console.print(statistics_table(meta))
+    if meta["replaced_characters"]:
+        console.print(f"{meta['replaced_characters']:,} invalid UTF-8 sequences replaced with U+FFFD")
+    console.print(f"wrote {out}/train.bin, {out}/val.bin and {out}/meta.json in {meta['seconds']} s")
+
+
 def main() -> None:
     """Entry point of the `smallgpt` script: user errors become one line, never a traceback."""
     try:

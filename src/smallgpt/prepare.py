@@ -107,7 +107,7 @@ def _local_files(source: str) -> list[Path] | None:
     return None
 
 
-def _open_local(files: list[Path], text_field: str, doc_separator: str | None):
+def _open_local(source: str, files: list[Path], text_field: str, doc_separator: str | None):
     formats = {_local_format(p) for p in files}
     if None in formats:
         bad = next(p for p in files if _local_format(p) is None)
@@ -115,51 +115,76 @@ def _open_local(files: list[Path], text_field: str, doc_separator: str | None):
     if len(formats) > 1:
         raise SmallGPTError(f"the source mixes file types ({', '.join(sorted(formats))}): use one kind")
     builder = formats.pop()
+    if doc_separator is not None and builder != "text":
+        raise SmallGPTError("--doc-separator applies to .txt files only")
     options: dict = {}
     if builder == "text":
-        # One document per file (split further by --doc-separator later); bad UTF-8 is counted.
-        options = {"sample_by": "document", "encoding_errors": REPLACEMENTS.name}
+        # One document per file (split further by --doc-separator later); bad UTF-8 is counted. The
+        # text reader always names its column "text".
+        options, text_field = {"sample_by": "document", "encoding_errors": REPLACEMENTS.name}, "text"
     elif builder == "json":
         # Spelled "utf8" rather than "utf-8" on purpose: only then does the JSON reader decode the bytes
         # itself (honouring our counting error handler) instead of handing raw bytes to pyarrow, which
         # rejects invalid UTF-8 outright.
         options = {"encoding": "utf8", "encoding_errors": REPLACEMENTS.name}
-    elif doc_separator is not None:
-        raise SmallGPTError("--doc-separator applies to .txt files only")
-    if builder == "text":
-        text_field = "text"  # the text reader always names its column "text"
-    return _load_dataset(builder, data_files=[str(p) for p in files], split="train", **options), text_field
+    data_files = [str(p) for p in files]
+    return _load_dataset(source, builder, data_files=data_files, split="train", **options), text_field
 
 
-def _load_dataset(name: str, **kwargs):
-    """`datasets.load_dataset(..., streaming=True)` with its failures turned into one-line errors."""
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _load_dataset(source: str, path: str, **kwargs):
+    """`datasets.load_dataset(path, ..., streaming=True)` with its failures turned into one-line errors."""
     import datasets
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     try:
-        return datasets.load_dataset(name, streaming=True, **kwargs)
-    except ConnectionError:
-        raise SmallGPTError(
-            f"cannot reach dataset {name!r} on the Hugging Face Hub: it can't be downloaded offline "
-            "(and there is no local file or directory of that name)"
-        ) from None
-    except (FileNotFoundError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SmallGPTError(f"cannot load dataset {name!r}: {first_line}") from None
+        return datasets.load_dataset(path, streaming=True, **kwargs)
+    except StopIteration:  # the JSON reader found no record to infer columns from
+        raise SmallGPTError(f"{source} holds no documents") from None
+    except (ConnectionError, FileNotFoundError, ValueError) as exc:
+        raise SmallGPTError(f"cannot load {source}: {_first_line(exc)}") from None
 
 
 def open_source(source: str, text_field: str, split: str, doc_separator: str | None):
     """(streaming dataset, name of its text column) for any source `prepare_corpus` accepts."""
     if source == "default":
         corpus = resources.files("smallgpt") / "assets" / "default-corpus.jsonl.gz"
-        return _open_local([Path(str(corpus))], "text", doc_separator)
+        return _open_local(source, [Path(str(corpus))], "text", doc_separator)
     files = _local_files(source)
     if files is not None:
-        return _open_local(files, text_field, doc_separator)
+        return _open_local(source, files, text_field, doc_separator)
     if doc_separator is not None:
         raise SmallGPTError("--doc-separator applies to local .txt files only")
-    return _load_dataset(HF_ALIASES.get(source, source), split=split), text_field
+    name = HF_ALIASES.get(source, source)
+    _check_hub_dataset(name)
+    return _load_dataset(source, name, split=split), text_field
+
+
+def _check_hub_dataset(name: str) -> None:
+    """Ask the Hub about `name` first: one quick request instead of `datasets`' minute of retries."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        HfApi().dataset_info(name, timeout=10)
+    except GatedRepoError:
+        raise SmallGPTError(
+            f"dataset {name!r} is gated: accept its terms on huggingface.co and log in"
+        ) from None
+    except RepositoryNotFoundError:
+        raise SmallGPTError(
+            f"no dataset {name!r} on the Hugging Face Hub, and no local file of that name"
+        ) from None
+    except Exception as exc:  # offline mode, DNS failure, timeout: whatever the HTTP library raises
+        raise SmallGPTError(
+            f"cannot reach dataset {name!r} on the Hugging Face Hub: it can't be streamed offline "
+            f"({type(exc).__name__}); for local files give a path"
+        ) from None
 
 
 def document_batches(dataset, text_field: str, doc_separator: str | None, source: str):
@@ -180,8 +205,7 @@ def document_batches(dataset, text_field: str, doc_separator: str | None, source
                 texts = [piece for text in texts for piece in text.split(doc_separator)]
             yield texts
     except (UnicodeDecodeError, ValueError, OSError) as exc:  # pyarrow / json parse errors
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SmallGPTError(f"cannot read {source}: {first_line}") from None
+        raise SmallGPTError(f"cannot read {source}: {_first_line(exc)}") from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -246,6 +270,7 @@ def _progress(total: int | None, enabled: bool) -> Progress:
         TextColumn("· {task.fields[docs_rate]:,.0f} docs/s · {task.fields[tokens_rate]:,.0f} tokens/s"),
         TimeElapsedColumn(),
         console=Console(stderr=True),
+        transient=True,  # the statistics table is the lasting summary
         disable=not enabled,
     )
 
@@ -322,6 +347,8 @@ def prepare_corpus(
                     break
             while pending:
                 write_oldest()
+            tokens = writers["train"].tokens + writers["val"].tokens
+            progress.update(task, tokens=tokens, tokens_rate=tokens / (time.perf_counter() - started))
         _check_splits(writers, source, val_fraction)
     except BaseException:
         for writer in writers.values():
