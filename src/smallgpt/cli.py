@@ -147,6 +147,130 @@ def prepare(
     console.print(f"wrote {out}/train.bin, {out}/val.bin and {out}/meta.json in {meta['seconds']} s")
 
 
+@app.command()
+def export(
+    checkpoint: Annotated[str, typer.Argument(help="Run dir, checkpoint dir or .safetensors file.")],
+    out: Annotated[str, typer.Option("--out", help="Hugging Face model directory to write.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it holds an export.")] = False,
+) -> None:
+    """Write a checkpoint as a Hugging Face GPT-2 model directory (weights, config, tokenizer)."""
+    from smallgpt.interop import export_to_hf
+
+    path = export_to_hf(checkpoint, out, force=force)
+    console.print(f"exported {checkpoint} -> {path}", highlight=False)
+    console.print(f'load it with: AutoModelForCausalLM.from_pretrained("{path}")', highlight=False)
+
+
+@app.command(name="import")
+def import_(
+    hf_dir: Annotated[str, typer.Argument(help="Local Hugging Face GPT-2 model directory.")],
+    out: Annotated[str, typer.Option("--out", help="Directory to write the SmallGPT checkpoint to.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it holds a checkpoint.")] = False,
+) -> None:
+    """Read a GPT-2 model directory (e.g. your download of gpt2) into a SmallGPT checkpoint."""
+    from smallgpt.interop import import_from_hf
+
+    path = import_from_hf(hf_dir, out, force=force)
+    console.print(f"imported {hf_dir} -> {path}", highlight=False)
+    console.print(f"use it with: smallgpt sample {path.parent}  |  smallgpt train --init-from {path.parent}")
+
+
+@app.command()
+def serve(
+    checkpoint: Annotated[str, typer.Argument(help="Run dir, checkpoint dir or .safetensors file.")],
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 = all.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_tokens_cap: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 2048,
+    device: Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps.")] = "auto",
+) -> None:
+    """Serve a model: OpenAI-compatible API at /v1/completions, playground at /."""
+    from smallgpt.serve import serve as run_server
+
+    run_server(checkpoint, host=host, port=port, max_tokens_cap=max_tokens_cap, device=device)
+
+
+@app.command()
+def sample(
+    checkpoint: Annotated[
+        str, typer.Argument(help="Run dir (best, else latest), checkpoint dir or .safetensors.")
+    ],
+    prompt: Annotated[
+        Optional[str], typer.Option(help="Text to continue; empty starts from <|endoftext|>.")
+    ] = None,
+    prompt_file: Annotated[Optional[str], typer.Option(help="Read the prompt from this UTF-8 file.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate per sample.")] = 200,
+    temperature: Annotated[float, typer.Option(help="Randomness; 0 = greedy (always the likeliest).")] = 0.8,
+    top_k: Annotated[Optional[int], typer.Option(help="Sample only among the k likeliest tokens.")] = None,
+    top_p: Annotated[
+        Optional[float], typer.Option(help="Sample only among the smallest set with this probability.")
+    ] = None,
+    seed: Annotated[
+        Optional[int], typer.Option(help="Same seed, same text (sample i uses seed + i).")
+    ] = None,
+    num_samples: Annotated[int, typer.Option(help="How many samples per prompt.")] = 1,
+    stop: Annotated[
+        Optional[list[str]],
+        typer.Option(help="End a sample at this text (repeatable); <|endoftext|> always ends it."),
+    ] = None,
+    interactive: Annotated[
+        bool, typer.Option("--interactive", help="Prompt loop: type a prompt, get samples; Ctrl-D ends.")
+    ] = False,
+    device: Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps.")] = "auto",
+) -> None:
+    """Continue a prompt with a trained model, printing tokens as they are produced."""
+    from pathlib import Path
+
+    from smallgpt.checkpoint import load_model
+    from smallgpt.generate import Generator, SamplingParams
+    from smallgpt.serve import pick_device
+
+    params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop or ()))
+    if num_samples < 1:
+        raise SmallGPTError(f"num_samples must be at least 1, got {num_samples}")
+    if prompt is not None and prompt_file is not None:
+        raise SmallGPTError("give --prompt or --prompt-file, not both")
+    if prompt_file is not None:
+        try:
+            prompt = Path(prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SmallGPTError(f"cannot read prompt file {prompt_file}: {exc}") from None
+    generator = Generator(load_model(checkpoint, pick_device(device)))
+    if prompt is not None or not interactive:
+        _print_samples(generator, prompt or "", params, num_samples)
+    while interactive:
+        try:
+            prompt = input("prompt> ")
+        except EOFError:
+            break
+        _print_samples(generator, prompt, params, num_samples)
+
+
+def _print_samples(generator, prompt: str, params, num_samples: int) -> None:
+    """Stream `num_samples` continuations of `prompt` to stdout; a one-line summary of each to stderr."""
+    import dataclasses
+    import time
+
+    if not prompt:
+        err_console.print("note: empty prompt: starting from <|endoftext|>", highlight=False)
+    for i in range(num_samples):
+        if i:
+            print("-" * 40)
+        seeded = dataclasses.replace(params, seed=None if params.seed is None else params.seed + i)
+        start = time.perf_counter()
+        print(prompt, end="", flush=True)
+        stream = generator.stream(prompt, seeded)
+        for delta in stream:
+            print(delta, end="", flush=True)
+        print(flush=True)
+        done, seconds = stream.completion, time.perf_counter() - start
+        rate = len(done.token_ids) / seconds
+        err_console.print(
+            f"[{len(done.token_ids)} tokens, {rate:.0f} tokens/s, finish: {done.finish_reason}]",
+            highlight=False,
+            markup=False,
+        )
+
+
 def main() -> None:
     """Entry point of the `smallgpt` script: user errors become one line, never a traceback."""
     try:

@@ -1,41 +1,159 @@
-"""Hugging Face GPT-2 interop: the exact mapping between SmallGPT and `GPT2LMHeadModel` weights.
+"""Hugging Face GPT-2 interop: the exact weight mapping, and export / import of whole model directories.
 
 The two models are the same architecture with the same parameter names (SmallGPT's live under the
 same `transformer.*` prefix). The differences are bookkeeping:
   - GPT-2 uses `Conv1D` layers whose weight is stored (in, out); our `nn.Linear` stores (out, in).
   - SmallGPT may pad the vocabulary rows of the embedding; GPT-2 has exactly `vocab_size` rows.
   - GPT-2 checkpoints carry non-parameter buffers (`attn.bias` causal masks) that we do not need.
+
+`export_to_hf` writes the directory `transformers` loads with `from_pretrained` (config, weights,
+generation config, tokenizer); `import_from_hf` reads such a directory into a SmallGPT checkpoint.
+Neither needs `transformers` itself: the files are plain JSON and safetensors. An option one side
+cannot express is refused with a reason, never silently dropped, so a converted model computes
+exactly what the original did.
 """
 
 from __future__ import annotations
 
-import torch
+import json
+import pickle
+from pathlib import Path
 
-from smallgpt.config import ModelConfig
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from smallgpt.checkpoint import WEIGHTS_NAME, atomic_write_dir, load_model, save_weights
+from smallgpt.config import GPT2_VOCAB_SIZE, ModelConfig
+from smallgpt.errors import SmallGPTError
+from smallgpt.model import GPT
+from smallgpt.tokenizer import EOT_ID, EOT_TOKEN, verified_bytes
 
 # Weights stored transposed by GPT-2's Conv1D layers.
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Causal-mask buffers some GPT-2 files carry; they are constants, not weights.
+MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
+
+# GPT-2 options that SmallGPT's architecture fixes: written on export, required on import. Each value
+# is also GPT2Config's default, so an option missing from a config.json means the same thing.
+GPT2_FIXED_OPTIONS = {
+    "activation_function": "gelu_new",  # GELU, tanh approximation
+    "n_inner": None,  # MLP width 4 * n_embd
+    "layer_norm_epsilon": 1e-5,
+    "scale_attn_weights": True,  # attention scores divided by sqrt(head_dim)
+    "scale_attn_by_inverse_layer_idx": False,
+    "add_cross_attention": False,
+    "tie_word_embeddings": True,  # the output head is the token embedding
+}
+# The ModelConfig fields export knows how to express. A field added to ModelConfig later must be
+# taught here; until then checkpoints are refused rather than exported as something they are not.
+EXPORTABLE_FIELDS = {
+    "vocab_size",
+    "block_size",
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "dropout",
+    "bias",
+    "vocab_multiple",
+}
+
+SPECIAL_TOKENS = {"bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN}
+# Hugging Face tokenizer file -> the packaged GPT-2 BPE file with the same content.
+TOKENIZER_FILES = {"vocab.json": "encoder.json", "merges.txt": "vocab.bpe"}
+# Where a Hugging Face directory keeps its weights, in order of preference (the safe format first).
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+# --- the mapping -------------------------------------------------------------------------------------
 
 
 def config_from_hf(hf_config: dict, vocab_multiple: int = 64) -> ModelConfig:
-    """A SmallGPT config for a GPT-2 `config.json` (as a dict)."""
+    """A SmallGPT config for a GPT-2 `config.json` (as a dict); refuses GPT-2 variants we cannot run."""
+    model_type = hf_config.get("model_type")
+    if model_type != "gpt2":
+        raise SmallGPTError(f"not a GPT-2 model: config.json has model_type {model_type!r}, expected 'gpt2'")
+    defaults = {
+        "vocab_size": GPT2_VOCAB_SIZE,
+        "n_positions": 1024,
+        "n_layer": 12,
+        "n_head": 12,
+        "n_embd": 768,
+    }
+    shape = {key: hf_config.get(key, default) for key, default in defaults.items()}
+    for key, fixed in GPT2_FIXED_OPTIONS.items():
+        value = hf_config.get(key, fixed)
+        same = (
+            value == fixed
+            or (key == "activation_function" and value == "gelu_pytorch_tanh")  # the same function
+            or (key == "n_inner" and value == 4 * shape["n_embd"])
+        )
+        if not same:
+            raise SmallGPTError(
+                f"SmallGPT cannot run this GPT-2 variant: {key}={value!r} (it needs {fixed!r})"
+            )
+    if shape["vocab_size"] != GPT2_VOCAB_SIZE:
+        raise SmallGPTError(
+            f"vocab_size {shape['vocab_size']} is not GPT-2's {GPT2_VOCAB_SIZE}: our tokenizer would not fit"
+        )
     return ModelConfig(
-        vocab_size=hf_config["vocab_size"],
-        block_size=hf_config["n_positions"],
-        n_layer=hf_config["n_layer"],
-        n_head=hf_config["n_head"],
-        n_embd=hf_config["n_embd"],
+        vocab_size=shape["vocab_size"],
+        block_size=shape["n_positions"],
+        n_layer=shape["n_layer"],
+        n_head=shape["n_head"],
+        n_embd=shape["n_embd"],
         dropout=0.0,
         vocab_multiple=vocab_multiple,
     )
+
+
+def hf_config_from(config: ModelConfig) -> dict:
+    """The `config.json` of the `GPT2LMHeadModel` equal to `config`; refuses what GPT-2 cannot express."""
+    unknown = sorted(set(config.to_dict()) - EXPORTABLE_FIELDS)
+    if unknown:
+        raise SmallGPTError(
+            f"cannot export to GPT-2: config field(s) {', '.join(unknown)} have no GPT-2 equivalent"
+        )
+    if not config.bias:
+        raise SmallGPTError(
+            "cannot export to GPT-2: bias=False, but GPT-2 has biases in every Linear and LayerNorm"
+        )
+    if config.vocab_size != GPT2_VOCAB_SIZE:
+        raise SmallGPTError(
+            f"cannot export to GPT-2: vocab_size {config.vocab_size} is not its {GPT2_VOCAB_SIZE}-token BPE"
+        )
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        **GPT2_FIXED_OPTIONS,
+        # Our one dropout rate sits where GPT-2 has three: embeddings, attention weights, residuals.
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "resid_pdrop": config.dropout,
+        "initializer_range": 0.02,
+        "bos_token_id": EOT_ID,
+        "eos_token_id": EOT_ID,
+        "use_cache": True,
+        "dtype": "float32",
+    }
 
 
 def state_dict_from_hf(hf_state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """Map a GPT-2 state dict onto SmallGPT parameter names, shapes and vocabulary padding."""
     state = {}
     for name, tensor in hf_state.items():
-        if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
-            continue  # causal-mask buffers; the head is tied to wte
+        if name.endswith(MASK_BUFFERS) or name == "lm_head.weight":
+            continue  # the head is tied to wte
         if name.endswith(CONV1D_SUFFIXES):
             tensor = tensor.t()
         state[name] = tensor.contiguous()
@@ -59,3 +177,153 @@ def state_dict_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dic
     hf_state["transformer.wte.weight"] = hf_state["transformer.wte.weight"][: config.vocab_size].contiguous()
     hf_state["lm_head.weight"] = hf_state["transformer.wte.weight"]
     return hf_state
+
+
+# --- export ------------------------------------------------------------------------------------------
+
+
+def export_to_hf(checkpoint: str | Path, out_dir: str | Path, *, force: bool = False) -> Path:
+    """Write a SmallGPT checkpoint as a Hugging Face GPT-2 directory: weights, configs, tokenizer."""
+    model = load_model(checkpoint)
+    hf_config = hf_config_from(model.config)
+    out = _claim_output_dir(out_dir, force, markers=("config.json", "model.safetensors"))
+    hf_state = state_dict_to_hf(model.state_dict(), model.config)
+    # Stored once, as transformers' own save_pretrained does: tie_word_embeddings re-ties it on load.
+    del hf_state["lm_head.weight"]
+    tokenizer_config = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "model_max_length": model.config.block_size,
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,  # decode must invert encode exactly, as tiktoken's does
+        **SPECIAL_TOKENS,
+    }
+
+    def write(tmp: Path) -> None:
+        save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _write_json(tmp / "config.json", hf_config)
+        _write_json(tmp / "generation_config.json", {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID})
+        for hf_name, packaged_name in TOKENIZER_FILES.items():
+            (tmp / hf_name).write_bytes(verified_bytes(packaged_name))
+        _write_json(tmp / "tokenizer_config.json", tokenizer_config)
+        _write_json(tmp / "special_tokens_map.json", SPECIAL_TOKENS)
+
+    atomic_write_dir(out, write)
+    return out
+
+
+# --- import ------------------------------------------------------------------------------------------
+
+
+def import_from_hf(hf_dir: str | Path, out_dir: str | Path, *, force: bool = False) -> Path:
+    """Read a local Hugging Face GPT-2 directory into `out_dir/model.safetensors`; returns that path."""
+    hf_dir = Path(hf_dir)
+    if not hf_dir.is_dir():
+        raise SmallGPTError(f"Hugging Face model directory not found: {hf_dir}")
+    config_file = hf_dir / "config.json"
+    if not config_file.is_file():
+        raise SmallGPTError(f"no config.json in {hf_dir} (not a Hugging Face model directory)")
+    config = config_from_hf(_read_json(config_file))
+    hf_state = _checked_hf_state(read_hf_weights(hf_dir), config)
+    out = _claim_output_dir(out_dir, force, markers=(WEIGHTS_NAME,))
+    model = GPT(config)
+    model.load_state_dict(state_dict_from_hf(hf_state, config))  # casts fp16/bf16 files to fp32
+    atomic_write_dir(out, lambda tmp: save_weights(model, tmp / WEIGHTS_NAME))
+    return out / WEIGHTS_NAME
+
+
+def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a Hugging Face directory: one safetensors/bin file, or the shards of an index."""
+    found = next((hf_dir / name for name in WEIGHT_FILES if (hf_dir / name).is_file()), None)
+    if found is None:
+        raise SmallGPTError(f"no weights in {hf_dir} (expected model.safetensors or pytorch_model.bin)")
+    files = [found]
+    if found.name.endswith(".index.json"):
+        weight_map = _read_json(found).get("weight_map") or {}
+        # Shard names are file names inside hf_dir; `.name` keeps a crafted index from reaching outside.
+        files = [hf_dir / Path(shard).name for shard in sorted(set(weight_map.values()))]
+    state = {}
+    for file in files:
+        state.update(_load_weights_file(file))
+    return state
+
+
+def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise SmallGPTError(f"missing weights file: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        # weights_only: tensors and plain containers only, so a malicious pickle cannot run code.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, pickle.UnpicklingError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SmallGPTError(f"cannot read weights from {path}: {reason}") from None
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise SmallGPTError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def _checked_hf_state(hf_state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """GPT-2 weights under `transformer.*` names, checked against the shapes `config` implies.
+
+    OpenAI's `gpt2` files were saved from the bare `GPT2Model`, so their names lack the `transformer.`
+    prefix; `transformers` adds it on load and so do we.
+    """
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        expected = {name: t.shape for name, t in state_dict_to_hf(GPT(config).state_dict(), config).items()}
+    del expected["lm_head.weight"]
+    state = {}
+    for name, tensor in hf_state.items():
+        if name.endswith(MASK_BUFFERS):
+            continue
+        if name != "lm_head.weight" and not name.startswith("transformer."):
+            name = f"transformer.{name}"
+        state[name] = tensor
+    head = state.pop("lm_head.weight", None)
+    missing = [name for name in expected if name not in state]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise SmallGPTError(f"missing weights: {missing[0]}{more} not found in the GPT-2 weights")
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise SmallGPTError(f"unexpected weight {unexpected[0]}: not a GPT-2 language model SmallGPT can run")
+    for name, shape in expected.items():
+        if state[name].shape != shape:
+            raise SmallGPTError(
+                f"shape mismatch: {name} is {tuple(state[name].shape)} but config.json implies {tuple(shape)}"
+            )
+    if head is not None and not torch.equal(head, state["transformer.wte.weight"]):
+        raise SmallGPTError("lm_head.weight differs from the token embedding, but SmallGPT ties the two")
+    return state
+
+
+# --- files -------------------------------------------------------------------------------------------
+
+
+def _claim_output_dir(out_dir: str | Path, force: bool, markers: tuple[str, ...]) -> Path:
+    """Where to write; refuses an existing path unless forced, and even then anything but our own output."""
+    out = Path(out_dir).resolve()
+    if not out.exists():
+        return out
+    if not force:
+        raise SmallGPTError(f"{out} already exists (use --force to replace it)")
+    ours = out.is_dir() and (not any(out.iterdir()) or all((out / marker).is_file() for marker in markers))
+    if not ours:
+        raise SmallGPTError(
+            f"refusing to replace {out}: it is not a directory holding {' and '.join(markers)}"
+        )
+    return out
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SmallGPTError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise SmallGPTError(f"{path} does not hold a JSON object")
+    return data
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

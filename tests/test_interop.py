@@ -1,0 +1,245 @@
+"""Hugging Face interop, checked against transformers itself: exports load there, imports reproduce GPT-2."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+from subprocess import PIPE
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_cli import smallgpt
+from test_model import SMALL, hf_gpt2
+
+from smallgpt.checkpoint import load_model, save_weights
+from smallgpt.config import ModelConfig
+from smallgpt.errors import SmallGPTError
+from smallgpt.interop import export_to_hf, hf_config_from, import_from_hf, state_dict_to_hf
+from smallgpt.model import GPT
+from smallgpt.tokenizer import EOT_ID, encode
+
+transformers = pytest.importorskip("transformers")
+
+PROMPT = "The meaning of life is"
+
+
+def random_smallgpt(**overrides) -> GPT:
+    """A SmallGPT with every parameter random (biases and LayerNorms start constant otherwise)."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**{**SMALL, **overrides})).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.add_(torch.randn_like(param) * 0.1)
+    return model
+
+
+def write_hf_dir(hf_model, directory, layout: str) -> None:
+    """Save a GPT2LMHeadModel as users get them: transformers' own files, OpenAI's, or sharded."""
+    if layout == "save_pretrained":
+        hf_model.save_pretrained(directory)
+    elif layout == "sharded":
+        hf_model.save_pretrained(directory, max_shard_size="4MB")
+        assert (directory / "model.safetensors.index.json").is_file()
+    elif layout == "openai_bin":
+        # OpenAI's gpt2 files: a pickled state dict of the bare GPT2Model (no `transformer.` prefix),
+        # with the causal-mask buffers included and no separate head.
+        directory.mkdir()
+        hf_model.config.to_json_file(directory / "config.json")
+        state = {k.removeprefix("transformer."): v for k, v in hf_model.state_dict().items()}
+        del state["lm_head.weight"]
+        T = SMALL["block_size"]
+        state.update(
+            {f"h.{i}.attn.bias": torch.ones(T, T).tril().view(1, 1, T, T) for i in range(SMALL["n_layer"])}
+        )
+        torch.save(state, directory / "pytorch_model.bin")
+
+
+def test_smallgpt_to_hf_to_smallgpt_round_trip_is_exact(tmp_path):
+    model = random_smallgpt()
+    save_weights(model, tmp_path / "model.safetensors")
+    export_to_hf(tmp_path, tmp_path / "hf")
+    exported = load_file(tmp_path / "hf" / "model.safetensors")
+    assert exported["transformer.wte.weight"].shape == (50257, SMALL["n_embd"])  # padding stripped
+    assert "lm_head.weight" not in exported  # tied: stored once, as transformers stores it
+
+    back = load_model(import_from_hf(tmp_path / "hf", tmp_path / "back"))
+    assert back.config == model.config
+    original, restored = model.state_dict(), back.state_dict()
+    assert original.keys() == restored.keys()
+    for name, tensor in original.items():
+        if name in ("transformer.wte.weight", "lm_head.weight"):
+            # The padding rows are never read (their logits are sliced off); import refills them with zeros.
+            assert torch.equal(restored[name][:50257], tensor[:50257]), name
+            assert not restored[name][50257:].any()
+        else:
+            assert torch.equal(restored[name], tensor), name
+    assert back.lm_head.weight is back.transformer.wte.weight
+
+
+@pytest.mark.parametrize("layout", ["save_pretrained", "sharded", "openai_bin"])
+def test_hf_to_smallgpt_keeps_weights_and_logits(tmp_path, layout):
+    hf = hf_gpt2()
+    write_hf_dir(hf, tmp_path / "hf", layout)
+    ours = load_model(import_from_hf(tmp_path / "hf", tmp_path / "run"))
+    for name, tensor in state_dict_to_hf(ours.state_dict(), ours.config).items():
+        assert torch.equal(tensor, hf.state_dict()[name]), name
+    idx = torch.randint(0, 50257, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours(idx) - hf(idx).logits).abs().max().item() <= 1e-4
+
+
+def test_export_loads_cleanly_in_transformers(tmp_path):
+    model = random_smallgpt()
+    save_weights(model, tmp_path / "model.safetensors")
+    out = export_to_hf(tmp_path / "model.safetensors", tmp_path / "hf")
+    assert {p.name for p in out.iterdir()} >= {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    }
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert type(hf).__name__ == "GPT2LMHeadModel"
+    assert not any(info.values()), info  # no missing, unexpected or mismatched weights
+    assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()
+    idx = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (hf(idx).logits - model(idx)).abs().max().item() <= 1e-4
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    text = "Héllo wörld!  It's 2026 — naïve café 🤖\n\tdone"
+    assert tokenizer(text)["input_ids"] == encode(text)
+    assert tokenizer.decode(encode(text)) == text
+    assert tokenizer.eos_token_id == tokenizer.bos_token_id == EOT_ID
+    generator = transformers.pipeline("text-generation", model=str(out))
+    result = generator(PROMPT, max_new_tokens=5, do_sample=False)
+    assert result[0]["generated_text"].startswith(PROMPT)
+
+
+def test_greedy_text_of_export_equals_smallgpt_sample(tmp_path):
+    # A random GPT-2 with large weights: its greedy text varies, unlike the repetition small init gives.
+    hf = hf_gpt2(seed=3)
+    with torch.no_grad():
+        for param in hf.parameters():
+            if param.dim() == 2:
+                param.normal_(0, 0.3)
+    write_hf_dir(hf, tmp_path / "original", "save_pretrained")
+    imported = smallgpt("import", str(tmp_path / "original"), "--out", str(tmp_path / "run"))
+    assert imported.returncode == 0, imported.stderr
+    exported = smallgpt("export", str(tmp_path / "run"), "--out", str(tmp_path / "export"))
+    assert exported.returncode == 0, exported.stderr
+
+    sample = smallgpt(
+        "sample", str(tmp_path / "run"), "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", "50"
+    )
+    assert sample.returncode == 0, sample.stderr
+    generator = transformers.pipeline("text-generation", model=str(tmp_path / "export"))
+    greedy = generator(PROMPT, max_new_tokens=50, do_sample=False, return_full_text=False)
+    expected = greedy[0]["generated_text"]
+    assert len(set(expected.split())) > 10  # a real test: varied text, not one token repeated
+    assert sample.stdout == PROMPT + expected + "\n"
+
+
+def test_export_refuses_what_gpt2_cannot_express():
+    @dataclasses.dataclass(frozen=True)
+    class FutureConfig(ModelConfig):
+        rotary_embeddings: bool = True
+
+    with pytest.raises(SmallGPTError, match="rotary_embeddings have no GPT-2 equivalent"):
+        hf_config_from(FutureConfig(**SMALL))
+    with pytest.raises(SmallGPTError, match="vocab_size 1000"):
+        hf_config_from(ModelConfig(**{**SMALL, "vocab_size": 1000}))
+
+
+def edited_copy(source, target, config_changes=None, drop_weight=None):
+    """A copy of an HF directory with config.json fields changed or one weight removed."""
+    target.mkdir()
+    config = json.loads((source / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, **(config_changes or {})}))
+    state = load_file(source / "model.safetensors")
+    save_file({k: v for k, v in state.items() if k != drop_weight}, target / "model.safetensors")
+    return target
+
+
+def test_every_refusal_is_one_line_via_the_cli(tmp_path):
+    """Bad input of each kind: exit status 1, one line naming the problem, no traceback, no output.
+
+    The commands run side by side: each spends seconds importing torch.
+    """
+    gpt2 = tmp_path / "gpt2"
+    write_hf_dir(hf_gpt2(), gpt2, "save_pretrained")
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_bytes((gpt2 / "config.json").read_bytes())
+
+    class Payload:  # unpickling this would run code
+        def __reduce__(self):
+            return (print, ("this ran",))
+
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "config.json").write_bytes((gpt2 / "config.json").read_bytes())
+    torch.save({"transformer.wte.weight": Payload()}, evil / "pytorch_model.bin")
+    imports = {
+        "not gpt2": (
+            edited_copy(gpt2, tmp_path / "llama", config_changes={"model_type": "llama"}),
+            "not a GPT-2 model: config.json has model_type 'llama'",
+        ),
+        "shape mismatch": (
+            edited_copy(gpt2, tmp_path / "wider", config_changes={"n_embd": 128}),
+            "shape mismatch: transformer.wte.weight is (50257, 64) but config.json implies (50257, 128)",
+        ),
+        "missing weight": (
+            edited_copy(gpt2, tmp_path / "partial", drop_weight="transformer.h.1.mlp.c_fc.weight"),
+            "missing weights: transformer.h.1.mlp.c_fc.weight",
+        ),
+        "variant": (
+            edited_copy(gpt2, tmp_path / "relu", config_changes={"activation_function": "relu"}),
+            "cannot run this GPT-2 variant: activation_function='relu'",
+        ),
+        "no weights": (no_weights, "no weights in"),
+        "not found": (tmp_path / "nowhere", "Hugging Face model directory not found"),
+        "pickled code": (evil, "cannot read weights from"),
+    }
+    cases = {
+        name: (["import", str(source), "--out", str(tmp_path / f"run-{i}")], message)
+        for i, (name, (source, message)) in enumerate(imports.items())
+    }
+    save_weights(random_smallgpt(bias=False), tmp_path / "nobias.safetensors")
+    save_weights(random_smallgpt(), tmp_path / "model.safetensors")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("keep me")
+    export = ["export", str(tmp_path / "model.safetensors"), "--out", str(tmp_path / "taken")]
+    cases["bias=False"] = (
+        ["export", str(tmp_path / "nobias.safetensors"), "--out", str(tmp_path / "hf")],
+        "cannot export to GPT-2: bias=False",
+    )
+    cases["existing output"] = (export, "already exists (use --force to replace it)")
+    cases["forced over other files"] = ([*export, "--force"], "refusing to replace")
+
+    command = [sys.executable, "-m", "smallgpt"]
+    running = {
+        name: subprocess.Popen([*command, *args], stdout=PIPE, stderr=PIPE, text=True)
+        for name, (args, _) in cases.items()
+    }
+    for name, process in running.items():
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == 1, (name, stderr)
+        assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, (name, stderr)
+        assert cases[name][1] in stderr, (name, stderr)
+    assert not any(tmp_path.glob("run-*")) and not (tmp_path / "hf").exists()
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["notes.txt"]
+
+
+def test_force_replaces_a_previous_export_atomically(tmp_path):
+    save_weights(random_smallgpt(), tmp_path / "model.safetensors")
+    export_to_hf(tmp_path / "model.safetensors", tmp_path / "hf")
+    (tmp_path / "hf" / "stale.txt").write_text("from an older export")
+    export_to_hf(tmp_path / "model.safetensors", tmp_path / "hf", force=True)
+    assert not (tmp_path / "hf" / "stale.txt").exists() and (tmp_path / "hf" / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "model.safetensors"]  # no temp dirs left
