@@ -84,7 +84,9 @@ def sample_next_token(
         # Keep the smallest most-probable-first prefix whose mass reaches p: a token stays while the
         # mass strictly before it is still short of p (so the most probable token always stays).
         mass_before = probs.cumsum(dim=-1) - probs
-        probs = probs.masked_fill(mass_before >= params.top_p, 0.0)
+        drop = mass_before >= params.top_p
+        drop[:, 0] = False  # explicitly: a p below float32's smallest number would drop it otherwise
+        probs = probs.masked_fill(drop, 0.0)
     choice = _draw(probs, generator)
     return choice[:, 0] if candidates is None else candidates.gather(1, choice)[:, 0]
 
