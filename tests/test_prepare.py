@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -303,8 +304,11 @@ def test_interrupted_run_leaves_nothing_and_keeps_the_last_good_output(tmp_path,
 
 def test_default_corpus_is_prepared_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SMALLGPT_CACHE", str(tmp_path / "cache"))
-    data_dir = default_data_dir()
-    assert data_dir == tmp_path / "cache" / "data" / "default"
+    real_prepare, calls = prepare.prepare_corpus, []
+    monkeypatch.setattr(prepare, "prepare_corpus", lambda *a, **k: calls.append(1) or real_prepare(*a, **k))
+    with ThreadPoolExecutor(2) as pool:  # two ranks asking at once: one prepares, the other waits
+        data_dir, same_dir = pool.map(lambda _: default_data_dir(), range(2))
+    assert calls == [1] and data_dir == same_dir == tmp_path / "cache" / "data" / "default"
     meta = json.loads((data_dir / "meta.json").read_text())
     # 413 documents, 2,260,531 GPT-2 tokens plus one EOT each (shared/data/README.md).
     assert meta["total"]["documents"] == 413

@@ -14,6 +14,7 @@ Files are written under hidden temporary names and renamed only when the whole c
 from __future__ import annotations
 
 import codecs
+import fcntl
 import glob
 import json
 import os
@@ -67,12 +68,16 @@ def cache_dir() -> Path:
 def default_data_dir() -> Path:
     """The bundled corpus, prepared into the cache on first use and reused afterwards."""
     out_dir = cache_dir() / "data" / "default"
-    meta_path = out_dir / "meta.json"
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("source") == "default" and meta.get("tokenizer", {}).get("hash") == tokenizer_hash():
-            return out_dir
-    prepare_corpus("default", out_dir, val_fraction=DEFAULT_CORPUS_VAL_FRACTION, force=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Several processes (DDP ranks) may ask at once: the first prepares, the others wait and reuse.
+    with open(out_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        meta_path = out_dir / "meta.json"
+        if meta_path.is_file():
+            meta = json.loads(meta_path.read_text())
+            if meta.get("source") == "default" and meta["tokenizer"]["hash"] == tokenizer_hash():
+                return out_dir
+        prepare_corpus("default", out_dir, val_fraction=DEFAULT_CORPUS_VAL_FRACTION, force=True)
     return out_dir
 
 
@@ -146,7 +151,7 @@ def _load_dataset(source: str, path: str, **kwargs):
         return datasets.load_dataset(path, streaming=True, **kwargs)
     except StopIteration:  # the JSON reader found no record to infer columns from
         raise SmallGPTError(f"{source} holds no documents") from None
-    except (ConnectionError, FileNotFoundError, ValueError) as exc:
+    except (ConnectionError, FileNotFoundError, ValueError, RuntimeError) as exc:
         raise SmallGPTError(f"cannot load {source}: {_first_line(exc)}") from None
 
 
@@ -261,18 +266,29 @@ class SplitWriter:
         self.tmp_path.unlink(missing_ok=True)
 
 
-def _progress(total: int | None, enabled: bool) -> Progress:
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("[bold]tokenizing"),
-        BarColumn(),
-        TextColumn("{task.completed:,} docs · {task.fields[tokens]:,} tokens"),
-        TextColumn("· {task.fields[docs_rate]:,.0f} docs/s · {task.fields[tokens_rate]:,.0f} tokens/s"),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,  # the statistics table is the lasting summary
-        disable=not enabled,
-    )
+class _ProgressBar:
+    """Documents and tokens so far, with their rates, on stderr (gone once the table is printed)."""
+
+    def __init__(self, total: int | None, enabled: bool) -> None:
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("[bold]tokenizing"),
+            BarColumn(bar_width=16),
+            TextColumn("{task.completed:,} docs · {task.fields[tokens]:.1f}M tokens"),
+            TextColumn("· {task.fields[docs_rate]:,.0f} docs/s · {task.fields[tokens_rate]:.2f}M tokens/s"),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=True,
+            disable=not enabled,
+        )
+        self.task = self.progress.add_task("", total=total, tokens=0.0, docs_rate=0.0, tokens_rate=0.0)
+        self.started = time.perf_counter()
+
+    def show(self, documents: int, tokens: int) -> None:
+        seconds = time.perf_counter() - self.started
+        millions = tokens / 1e6
+        rates = {"docs_rate": documents / seconds, "tokens_rate": millions / seconds}
+        self.progress.update(self.task, completed=documents, tokens=millions, **rates)
 
 
 def _check_arguments(out_dir: Path, val_fraction: float, block_size: int, max_docs: int | None, force: bool):
@@ -285,6 +301,46 @@ def _check_arguments(out_dir: Path, val_fraction: float, block_size: int, max_do
     existing = [name for name in OUTPUT_FILES if (out_dir / name).exists()]
     if existing and not force:
         raise SmallGPTError(f"{out_dir} already holds prepared data ({', '.join(existing)}); use --force")
+
+
+def tokenize_into(
+    batches, writers: dict[str, SplitWriter], val_fraction: float, seed: int, max_docs: int | None, bar
+) -> tuple[int, int]:
+    """Split, tokenize and write every document of `batches`; returns (documents, empty ones skipped).
+
+    The reading thread deals documents out to a thread pool, one job per split per batch, and writes
+    finished jobs in submission order, so the files come out in stream order.
+    """
+    coin = np.random.default_rng(seed)  # one draw per document, in stream order: deterministic split
+    workers = os.cpu_count() or 1
+    pending: deque[tuple[SplitWriter, int, Future]] = deque()
+    documents = skipped = 0
+
+    def write_oldest() -> None:
+        writer, count, future = pending.popleft()
+        writer.append(future.result(), count)
+
+    with ThreadPoolExecutor(workers) as pool:
+        for texts in batches:
+            kept = [text for text in texts if text and not text.isspace()]
+            skipped += len(texts) - len(kept)
+            if max_docs is not None:
+                kept = kept[: max_docs - documents]
+            documents += len(kept)
+            to_val = coin.random(len(kept)) < val_fraction
+            for name, in_split in (("train", ~to_val), ("val", to_val)):
+                chosen = [text for text, keep in zip(kept, in_split, strict=True) if keep]
+                if chosen:
+                    pending.append((writers[name], len(chosen), pool.submit(encode_documents, chosen)))
+            while len(pending) > 2 * workers:  # every core busy, yet a bounded amount of text in memory
+                write_oldest()
+            bar.show(documents, writers["train"].tokens + writers["val"].tokens)
+            if documents == max_docs:
+                break
+        while pending:
+            write_oldest()
+    bar.show(documents, writers["train"].tokens + writers["val"].tokens)
+    return documents, skipped
 
 
 def prepare_corpus(
@@ -307,53 +363,18 @@ def prepare_corpus(
     dataset, text_field = open_source(source, text_field, split, doc_separator)
     out_dir.mkdir(parents=True, exist_ok=True)
     writers = {name: SplitWriter(out_dir / f"{name}.bin") for name in ("train", "val")}
-    coin = np.random.default_rng(seed)  # one draw per document, in stream order: deterministic split
-    replaced_before, documents, skipped = REPLACEMENTS.count, 0, 0
-    pending: deque[tuple[SplitWriter, int, Future]] = deque()
-    workers = os.cpu_count() or 1
-    started = time.perf_counter()
-
-    def write_oldest() -> None:
-        writer, count, future = pending.popleft()
-        writer.append(future.result(), count)
-
+    replaced_before = REPLACEMENTS.count
+    bar = _ProgressBar(max_docs, show_progress)
     try:
-        with ThreadPoolExecutor(workers) as pool, _progress(max_docs, show_progress) as progress:
-            task = progress.add_task("", total=max_docs, tokens=0, docs_rate=0.0, tokens_rate=0.0)
-            for texts in document_batches(dataset, text_field, doc_separator, source):
-                kept = [text for text in texts if text and not text.isspace()]
-                skipped += len(texts) - len(kept)
-                if max_docs is not None:
-                    kept = kept[: max_docs - documents]
-                documents += len(kept)
-                to_val = coin.random(len(kept)) < val_fraction
-                for name, in_split in (("train", ~to_val), ("val", to_val)):
-                    chosen = [text for text, keep in zip(kept, in_split, strict=True) if keep]
-                    if chosen:
-                        pending.append((writers[name], len(chosen), pool.submit(encode_documents, chosen)))
-                # Keep every core busy while bounding the texts held in memory.
-                while len(pending) > 2 * workers:
-                    write_oldest()
-                tokens = writers["train"].tokens + writers["val"].tokens
-                elapsed = time.perf_counter() - started
-                progress.update(
-                    task,
-                    completed=documents,
-                    tokens=tokens,
-                    docs_rate=documents / elapsed,
-                    tokens_rate=tokens / elapsed,
-                )
-                if documents == max_docs:
-                    break
-            while pending:
-                write_oldest()
-            tokens = writers["train"].tokens + writers["val"].tokens
-            progress.update(task, tokens=tokens, tokens_rate=tokens / (time.perf_counter() - started))
+        with bar.progress:
+            batches = document_batches(dataset, text_field, doc_separator, source)
+            documents, skipped = tokenize_into(batches, writers, val_fraction, seed, max_docs, bar)
         _check_splits(writers, source, val_fraction)
     except BaseException:
         for writer in writers.values():
             writer.discard()
         raise
+    all_counts = writers["train"].token_counts + writers["val"].token_counts
     meta = {
         "source": source,
         "tokenizer": {"name": "gpt2", "hash": tokenizer_hash(), "eot_id": EOT_ID, "dtype": "uint16"},
@@ -368,14 +389,12 @@ def prepare_corpus(
         },
         "replaced_characters": REPLACEMENTS.count - replaced_before,
         "empty_documents_skipped": skipped,
-        "seconds": round(time.perf_counter() - started, 2),
+        "seconds": round(time.perf_counter() - bar.started, 2),
         "splits": {name: writer.statistics(block_size) for name, writer in writers.items()},
         "total": {
             "documents": documents,
-            "tokens": writers["train"].tokens + writers["val"].tokens,
-            "unique_tokens": int(
-                np.count_nonzero(writers["train"].token_counts + writers["val"].token_counts)
-            ),
+            "tokens": int(all_counts.sum()),
+            "unique_tokens": int(np.count_nonzero(all_counts)),
         },
     }
     _publish(out_dir, writers, meta)
