@@ -1,0 +1,378 @@
+"""`smallgpt serve` as clients meet it: a live server process on a free local port, called through the
+official `openai` client, raw HTTP, schemathesis and a headless browser.
+
+The server must return exactly what the library itself generates (`Generator` on the same checkpoint
+is the reference), whatever else it is doing at the time.
+"""
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import openai
+import pytest
+import requests
+import torch
+
+from smallgpt.checkpoint import load_model, save_weights
+from smallgpt.config import get_preset
+from smallgpt.generate import Generator, SamplingParams
+from smallgpt.model import GPT
+from smallgpt.serve import DEFAULT_MAX_BODY_BYTES
+from smallgpt.tokenizer import encode
+
+LARGE_CAP = 100_000  # lets a request run for minutes, to watch a disconnect stop it
+SMALL_CAP = 8
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("serve") / "tiny.safetensors"
+    save_weights(GPT(get_preset("tiny")), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint) -> Generator:
+    return Generator(load_model(checkpoint))
+
+
+def expected(reference: Generator, prompt: str, **params):
+    return reference.generate([prompt], SamplingParams(**params))[0]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def running_server(checkpoint: Path, *options: str):
+    """`python -m smallgpt serve` in a subprocess; yields its base URL; its log must show no crash."""
+    port, log_path = free_port(), checkpoint.parent / f"server-{time.monotonic_ns()}.log"
+    command = [sys.executable, "-m", "smallgpt", "serve", str(checkpoint), "--port", str(port), *options]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while not server_is_up(base):
+            assert process.poll() is None, f"server exited:\n{log_path.read_text()}"
+            assert time.monotonic() < deadline, f"server did not start:\n{log_path.read_text()}"
+            time.sleep(0.2)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    server_log = log_path.read_text()
+    assert "Traceback" not in server_log and " 500 " not in server_log, server_log
+
+
+def server_is_up(base: str) -> bool:
+    try:
+        return requests.get(f"{base}/health", timeout=2).ok
+    except requests.ConnectionError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    with running_server(checkpoint, "--max-tokens-cap", str(LARGE_CAP), "--device", "cpu") as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def small_server(checkpoint):
+    """max_tokens capped at 8, so that schemathesis's requests stay quick."""
+    with running_server(checkpoint, "--max-tokens-cap", str(SMALL_CAP)) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def active_choices(base: str) -> int:
+    return requests.get(f"{base}/health", timeout=10).json()["active_choices"]
+
+
+def wait_until_idle(base: str, within: float) -> None:
+    deadline = time.monotonic() + within
+    while active_choices(base):
+        assert time.monotonic() < deadline, "generation still running after the client left"
+        time.sleep(0.1)
+
+
+# --- the openai client ---
+
+
+def test_plain_completion_is_the_library_generation(client, reference):
+    prompt = "The meaning of life is"
+    result = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+    want = expected(reference, prompt, max_new_tokens=12, temperature=0)
+    assert result.object == "text_completion" and result.model == "tiny" and len(result.choices) == 1
+    assert result.choices[0].text == want.text and result.choices[0].finish_reason == want.finish_reason
+    assert result.usage.prompt_tokens == len(encode(prompt))
+    assert result.usage.completion_tokens == len(want.token_ids) > 0
+    assert result.usage.total_tokens == result.usage.prompt_tokens + result.usage.completion_tokens
+
+
+def test_seeded_sampling_repeats_and_honours_top_k_top_p(client, reference):
+    options = dict(max_tokens=16, temperature=0.9, top_p=0.9, seed=3)
+    first = client.completions.create(model="tiny", prompt="Once", extra_body={"top_k": 50}, **options)
+    again = client.completions.create(model="tiny", prompt="Once", extra_body={"top_k": 50}, **options)
+    want = expected(reference, "Once", max_new_tokens=16, temperature=0.9, top_p=0.9, top_k=50, seed=3)
+    assert first.choices[0].text == again.choices[0].text == want.text
+
+
+def test_streamed_completion(client, reference, server):
+    chunks = list(
+        client.completions.create(
+            model="tiny",
+            prompt="Hello",
+            max_tokens=20,
+            seed=5,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    want = expected(reference, "Hello", max_new_tokens=20, seed=5)
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    assert len(texts) > 2 and "".join(texts) == want.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == want.finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(want.token_ids)
+    # On the wire: server-sent events, every one a `data:` line, the last one [DONE].
+    body = {"prompt": "Hello", "max_tokens": 3, "stream": True}
+    raw = requests.post(f"{server}/v1/completions", json=body, timeout=60)
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    events = [e for e in raw.text.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+
+
+def test_n_choices_and_prompt_lists(client, reference):
+    result = client.completions.create(model="tiny", prompt="Hi", max_tokens=8, n=3, seed=11)
+    assert [c.index for c in result.choices] == [0, 1, 2]
+    for choice in result.choices:  # choice i samples with seed + i
+        assert choice.text == expected(reference, "Hi", max_new_tokens=8, seed=11 + choice.index).text
+    assert result.usage.prompt_tokens == len(encode("Hi"))  # the prompt counts once, not n times
+    both = client.completions.create(model="tiny", prompt=["a", "b c"], max_tokens=4, n=2, seed=1)
+    assert [c.index for c in both.choices] == [0, 1, 2, 3]
+    assert both.choices[2].text == expected(reference, "b c", max_new_tokens=4, seed=3).text
+    assert both.usage.prompt_tokens == len(encode("a")) + len(encode("b c"))
+
+
+def test_stop_strings_end_the_text(client, reference):
+    prompt = "The weather today"
+    full = expected(reference, prompt, max_new_tokens=24, temperature=0).text
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    assert stop.strip()  # a random model's text: this picks two of its characters as the stop string
+    cut = full[: full.find(stop)]
+    for stops in (stop, [stop, "never appears"]):
+        result = client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=24, temperature=0, stop=stops
+        )
+        assert result.choices[0].text == cut and result.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=24, temperature=0, stop=stop, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == cut
+
+
+def test_prompt_longer_than_the_context_keeps_its_end(client):
+    tail = " the quick brown fox" * 40  # 160 tokens: more than the tiny model's 128-token context
+    results = [
+        client.completions.create(model="tiny", prompt=head + tail, max_tokens=6, temperature=0)
+        for head in ("x " * 300, "different words " * 50)
+    ]
+    assert results[0].choices[0].text == results[1].choices[0].text  # only the last 128 tokens matter
+    assert results[0].usage.prompt_tokens == len(encode("x " * 300 + tail))
+
+
+def test_extreme_but_valid_values_are_served(client):
+    greedy = client.completions.create(model="tiny", prompt="Edge", max_tokens=6, temperature=0)
+    nucleus = client.completions.create(model="tiny", prompt="Edge", max_tokens=6, top_p=5e-324, seed=1)
+    assert nucleus.choices[0].text == greedy.choices[0].text  # a vanishing nucleus is the top token
+    for options in [
+        dict(prompt="", seed=2**63 - 1, n=2),  # empty prompt; choice seeds wrap around
+        dict(prompt="Edge", temperature=1e308, extra_body={"top_k": 10**9}, seed=-(2**63)),
+    ]:
+        result = client.completions.create(model="tiny", max_tokens=3, **options)
+        assert all(c.finish_reason in ("stop", "length") for c in result.choices)
+
+
+def test_models_health_schema_and_playground(client, server):
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    health = requests.get(f"{server}/health", timeout=10).json()
+    assert (
+        health["status"] == "ok" and health["context_length"] == 128 and health["max_tokens_cap"] == LARGE_CAP
+    )
+    paths = requests.get(f"{server}/openapi.json", timeout=10).json()["paths"]
+    assert {"/v1/completions", "/v1/models", "/health"} <= set(paths)
+    page = requests.get(server, timeout=10)
+    assert page.headers["content-type"].startswith("text/html") and "SmallGPT playground" in page.text
+
+
+# --- bad input: always OpenAI's error object, never a 500 ---
+
+BAD_REQUESTS = [
+    ("malformed JSON", '{"prompt": "hi",', 400, None),
+    ("not an object", "[1, 2]", 400, None),
+    ("missing prompt", {"max_tokens": 4}, 400, "prompt"),
+    ("prompt of the wrong type", {"prompt": 5}, 400, "prompt"),
+    ("prompt list with a number", {"prompt": ["a", 3]}, 400, "prompt"),
+    ("empty prompt list", {"prompt": []}, 400, "prompt"),
+    ("max_tokens as text", {"prompt": "a", "max_tokens": "ten"}, 400, "max_tokens"),
+    ("fractional max_tokens", {"prompt": "a", "max_tokens": 2.5}, 400, "max_tokens"),
+    ("temperature as text", {"prompt": "a", "temperature": "hot"}, 400, "temperature"),
+    ("stream as text", {"prompt": "a", "stream": "yes"}, 400, "stream"),
+    ("zero max_tokens", {"prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
+    ("negative max_tokens", {"prompt": "a", "max_tokens": -5}, 400, "max_tokens"),
+    ("max_tokens over the cap", {"prompt": "a", "max_tokens": SMALL_CAP + 1}, 400, "max_tokens"),
+    ("negative temperature", {"prompt": "a", "temperature": -0.1}, 400, "temperature"),
+    ("top_p zero", {"prompt": "a", "top_p": 0}, 400, "top_p"),
+    ("top_p over one", {"prompt": "a", "top_p": 1.5}, 400, "top_p"),
+    ("top_k zero", {"prompt": "a", "top_k": 0}, 400, "top_k"),
+    ("n zero", {"prompt": "a", "n": 0}, 400, "n"),
+    ("too many choices", {"prompt": ["a", "b", "c"], "n": 6}, 400, "n"),
+    ("empty stop string", {"prompt": "a", "stop": ""}, 400, "stop"),
+    ("five stop strings", {"prompt": "a", "stop": ["1", "2", "3", "4", "5"]}, 400, "stop"),
+    ("seed beyond int64", {"prompt": "a", "seed": 2**70}, 400, "seed"),
+    ("unsupported OpenAI field", {"prompt": "a", "logprobs": 2}, 400, "logprobs"),
+]
+
+
+@pytest.mark.parametrize(
+    "body, status, param", [b[1:] for b in BAD_REQUESTS], ids=[b[0] for b in BAD_REQUESTS]
+)
+def test_bad_request_gets_an_openai_error(small_server, body, status, param):
+    data = body if isinstance(body, str) else json.dumps(body)
+    response = requests.post(
+        f"{small_server}/v1/completions", data=data, headers={"Content-Type": "application/json"}, timeout=30
+    )
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
+
+
+def test_openai_client_sees_the_error(small_server):
+    client = openai.OpenAI(base_url=f"{small_server}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model="tiny", prompt="a", max_tokens=SMALL_CAP + 1)
+
+
+def test_oversized_bodies_are_refused(small_server):
+    body = json.dumps({"prompt": "x" * DEFAULT_MAX_BODY_BYTES}).encode()
+    url, headers = f"{small_server}/v1/completions", {"Content-Type": "application/json"}
+    declared = requests.post(url, data=body, headers=headers, timeout=30)
+    chunked = requests.post(url, data=iter([body[:1000], body[1000:]]), headers=headers, timeout=30)
+    for response in (declared, chunked):
+        assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
+    assert requests.post(url, data=body[: DEFAULT_MAX_BODY_BYTES // 2] + b'"}', headers=headers).ok
+
+
+def test_unknown_routes_and_methods(small_server):
+    for method, path, status in [("GET", "/v2/nothing", 404), ("POST", "/v1/models", 405)]:
+        response = requests.request(method, f"{small_server}{path}", timeout=10)
+        assert response.status_code == status and response.json()["error"]["message"]
+
+
+# --- concurrency ---
+
+
+def test_simultaneous_streams_all_complete_correctly(server, reference):
+    def stream(seed: int) -> str:
+        client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+        chunks = client.completions.create(
+            model="tiny", prompt="Tell me", max_tokens=24, seed=seed, stream=True
+        )
+        return "".join(c.choices[0].text for c in chunks)
+
+    with ThreadPoolExecutor(8) as pool:
+        texts = list(pool.map(stream, range(8)))
+    assert texts == [expected(reference, "Tell me", max_new_tokens=24, seed=s).text for s in range(8)]
+
+
+def test_a_stalled_client_neither_blocks_others_nor_keeps_its_work(server, client):
+    body = {"prompt": "Slowly", "max_tokens": LARGE_CAP // 2, "stream": True}
+    slow = requests.post(f"{server}/v1/completions", json=body, stream=True, timeout=60)
+    lines = slow.iter_lines()  # (kept: a dropped iterator would close the connection)
+    assert next(lines).startswith(b"data: ")  # it is generating; now it stops reading
+    quick = client.completions.create(model="tiny", prompt="Quick", max_tokens=8)
+    assert quick.choices[0].finish_reason == "length" and active_choices(server) == 1
+    slow.close()  # the client goes away mid-stream: its minutes of work must stop now
+    wait_until_idle(server, within=15)
+
+
+def test_a_client_that_gives_up_on_a_plain_request_frees_its_work(server):
+    body = {"prompt": "Patience", "max_tokens": LARGE_CAP // 2}
+    with pytest.raises(requests.Timeout):
+        requests.post(f"{server}/v1/completions", json=body, timeout=1.5)
+    wait_until_idle(server, within=15)
+
+
+# --- the OpenAPI schema, fuzzed ---
+
+
+def test_schemathesis_finds_no_server_error(small_server, tmp_path):
+    """Fuzz every operation of the live schema (valid and invalid requests, wrong methods): no 5xx, and
+    status codes, headers and bodies as the schema documents them. Not checked: that every
+    schema-valid request is accepted -- a schema cannot say "prompts x n <= 16"."""
+    command = [sys.executable, "-m", "schemathesis.cli", "run", f"{small_server}/openapi.json"]
+    command += ["--checks", "all", "--exclude-checks", "positive_data_acceptance", "--max-examples", "25"]
+    command += ["--seed", "1", "--generation-database", "none", "--no-color"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
+    assert "No issues found" in result.stdout
+
+
+# --- the playground in a real browser ---
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine (apt-get install chromium)")
+def test_playground_streams_text_in_headless_chromium(small_server, reference, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+    flags += ["--disable-component-update", "--disable-sync", "--no-first-run"]
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=flags)
+        page = browser.new_page(viewport={"width": 1100, "height": 720})
+        page.goto(small_server)
+        sync_api.expect(page.locator("#model")).to_contain_text("tiny")
+        # Record every change of the output, to see the text arrive in pieces rather than at once.
+        page.evaluate(
+            """() => {
+                window.seen = [];
+                const completion = document.querySelector('.completion');
+                new MutationObserver(() => window.seen.push(completion.textContent)).observe(
+                    document.querySelector('#output'), {childList: true, subtree: true, characterData: true});
+            }"""
+        )
+        page.fill("#prompt", "In the beginning")
+        page.fill("#max_tokens", str(SMALL_CAP))
+        page.fill("#seed", "7")
+        page.fill("#top_k", "")
+        page.click("#generate")
+        sync_api.expect(page.locator("#stats")).to_contain_text("tokens/s", timeout=30_000)
+        sync_api.expect(page.locator("#generate")).to_be_enabled()
+        screenshot = tmp_path / "playground.png"
+        page.screenshot(path=str(screenshot), full_page=True)
+        print(f"playground screenshot: {screenshot}")
+        text, seen = page.inner_text(".completion"), page.evaluate("window.seen")
+        stats = page.inner_text("#stats")
+        browser.close()
+    want = expected(reference, "In the beginning", max_new_tokens=SMALL_CAP, temperature=0.8, seed=7)
+    assert text == want.text
+    assert len({s for s in seen if s}) > 2  # several partial texts: it streamed
+    assert f"prompt {len(encode('In the beginning'))} tokens" in stats
+    assert f"{len(want.token_ids)} tokens generated" in stats
