@@ -24,14 +24,15 @@ from pathlib import Path
 TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "mixcorpus" / "train.jsonl.gz"
 
 
-def run_prepare(out_dir: Path) -> tuple[float, float, dict]:
-    """(wall seconds, peak RSS in MiB, meta) of one `smallgpt prepare` child process."""
+def run_prepare(out_dir: Path) -> tuple[float, float, float, dict]:
+    """(wall seconds, CPU seconds, peak RSS in MiB, meta) of one `smallgpt prepare` child process."""
     command = [sys.executable, "-m", "smallgpt", "prepare", str(TRAIN), "--out", str(out_dir)]
     started = time.perf_counter()
     subprocess.run([*command, "--val-fraction", "0", "--quiet"], check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - started
-    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # Linux reports KiB
-    return wall, peak_mib, json.loads((out_dir / "meta.json").read_text())
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak_mib = usage.ru_maxrss / 1024  # Linux reports KiB
+    return wall, usage.ru_utime + usage.ru_stime, peak_mib, json.loads((out_dir / "meta.json").read_text())
 
 
 def tiktoken_alone_rate() -> float:
@@ -50,12 +51,13 @@ def main() -> None:
     if not TRAIN.is_file():
         sys.exit(f"benchmark corpus not found: {TRAIN}")
     with tempfile.TemporaryDirectory() as tmp:
-        wall, peak_mib, meta = run_prepare(Path(tmp) / "data")
+        wall, cpu, peak_mib, meta = run_prepare(Path(tmp) / "data")
     train = meta["splits"]["train"]
     rate = train["tokens"] / wall
     print(f"corpus:            {TRAIN} ({os.cpu_count()} cores)")
     print(f"documents, tokens: {train['documents']:,}, {train['tokens']:,} (EOT included)")
     print(f"wall time:         {wall:.1f} s end to end (in-process {meta['seconds']} s)")
+    print(f"CPU time:          {cpu:.1f} s (user + system; on a quiet machine wall ≥ CPU / cores)")
     print(f"throughput:        {rate / 1e6:.2f}M tokens/s")
     print(f"peak RSS:          {peak_mib:,.0f} MiB")
     reference = tiktoken_alone_rate()
