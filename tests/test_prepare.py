@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from smallgpt import prepare
+from smallgpt import prepare, sources
 from smallgpt.errors import SmallGPTError
 from smallgpt.prepare import default_data_dir, prepare_corpus
 from smallgpt.tokenizer import EOT_ID, get_tokenizer
@@ -125,6 +125,27 @@ def test_split_is_by_document_deterministic_by_seed(tmp_path):
     assert 30 <= len(first["val"]) <= 90
     assert split_docs(1, tmp_path / "b") == first
     assert split_docs(2, tmp_path / "c")["val"] != first["val"]
+
+
+def test_separator_may_span_lines_and_read_batches(tmp_path, monkeypatch):
+    source, options = make_source("txt with separator", tmp_path)
+    monkeypatch.setattr(sources, "LINES_PER_BATCH", 1)  # "\n=====\n" now always spans two batches
+    prepare_corpus(source, tmp_path / "out", val_fraction=0, show_progress=False, **options)
+    assert np.array_equal(read_bin(tmp_path / "out" / "train.bin"), expected_tokens(DOCS))
+
+
+def test_hub_dataset_path_honours_split_and_text_field(tmp_path, monkeypatch):
+    """The named-dataset path (as for openwebtext), pointed at a local dataset repository."""
+    repo = tmp_path / "hub-dataset" / "data"
+    repo.mkdir(parents=True)
+    pq.write_table(pa.table({"content": DOCS[:30]}), repo / "train-00000-of-00001.parquet")
+    pq.write_table(pa.table({"content": DOCS[30:]}), repo / "validation-00000-of-00001.parquet")
+    monkeypatch.setitem(sources.HF_ALIASES, "tiny-hub", str(tmp_path / "hub-dataset"))
+    monkeypatch.setattr(sources, "_check_hub_dataset", lambda name: None)
+    options = {"val_fraction": 0, "text_field": "content", "show_progress": False}
+    meta = prepare_corpus("tiny-hub", tmp_path / "out", split="validation", **options)
+    assert np.array_equal(read_bin(tmp_path / "out" / "train.bin"), expected_tokens(DOCS[30:]))
+    assert meta["source"] == "tiny-hub" and meta["arguments"]["split"] == "validation"
 
 
 def test_statistics_match_an_independent_count(tmp_path):
@@ -242,7 +263,7 @@ def test_bad_input_raises_one_clear_error_and_writes_nothing(tmp_path, kind):
     with pytest.raises(SmallGPTError, match=message) as error:
         prepare_corpus(source, out, show_progress=False, **options)
     assert "\n" not in str(error.value)
-    assert leftovers(out) == []
+    assert not out.exists()
 
 
 def smallgpt(*args: str) -> subprocess.CompletedProcess:
@@ -291,7 +312,7 @@ def test_interrupted_run_leaves_nothing_and_keeps_the_last_good_output(tmp_path,
             raise KeyboardInterrupt
         return real_encode(texts)
 
-    monkeypatch.setattr(prepare, "DOCS_PER_BATCH", 4)
+    monkeypatch.setattr(sources, "DOCS_PER_BATCH", 4)
     monkeypatch.setattr(prepare, "encode_documents", encode_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         prepare_corpus(source, out, val_fraction=0, force=True, show_progress=False)
@@ -299,7 +320,7 @@ def test_interrupted_run_leaves_nothing_and_keeps_the_last_good_output(tmp_path,
     fresh = tmp_path / "fresh"
     with pytest.raises(KeyboardInterrupt):
         prepare_corpus(source, fresh, val_fraction=0, show_progress=False)
-    assert leftovers(fresh) == []
+    assert not fresh.exists()
 
 
 def test_default_corpus_is_prepared_once_into_the_cache(tmp_path, monkeypatch):

@@ -1,8 +1,6 @@
 """Raw text → GPT-2 token files: `train.bin`, `val.bin` and `meta.json`.
 
-Every source — the corpus shipped with the package, a Hugging Face dataset such as OpenWebText, or the
-user's own `.txt` / `.jsonl` / `.jsonl.gz` / `.parquet` files — is read through the same Hugging Face
-`datasets` streaming reader, so memory stays flat however big the corpus is. Each document goes to the
+Documents arrive in batches from `smallgpt.sources` (any corpus, streamed). Each document goes to the
 train or the validation split by a seeded coin flip, is tokenized (batches in a thread pool: tiktoken
 releases the GIL, so every core works) and appended to its split's file followed by one
 `<|endoftext|>` (id 50256). Ids fit in uint16 because GPT-2's vocabulary has 50,257 < 65,536 entries.
@@ -13,15 +11,13 @@ Files are written under hidden temporary names and renamed only when the whole c
 
 from __future__ import annotations
 
-import codecs
+import contextlib
 import fcntl
-import glob
 import json
 import os
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -30,31 +26,11 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from smallgpt.errors import SmallGPTError
+from smallgpt.sources import REPLACEMENTS, document_batches, open_source
 from smallgpt.tokenizer import EOT_ID, get_tokenizer, tokenizer_hash
 
 OUTPUT_FILES = ("train.bin", "val.bin", "meta.json")
-HF_ALIASES = {"openwebtext": "Skylion007/openwebtext"}
-# File suffix → the `datasets` builder that reads it.
-LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".jsonl.gz": "json", ".parquet": "parquet"}
-DOCS_PER_BATCH = 512  # documents per read and per tokenizer job: big enough to amortise overheads
 DEFAULT_CORPUS_VAL_FRACTION = 0.05  # the bundled corpus has only 413 documents
-
-
-class _ReplacementCounter:
-    """A codecs error handler: like errors="replace" (one U+FFFD per invalid byte run), but counting."""
-
-    name = "smallgpt-count-replace"
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def __call__(self, error: UnicodeDecodeError) -> tuple[str, int]:
-        self.count += 1
-        return "\ufffd", error.end
-
-
-REPLACEMENTS = _ReplacementCounter()
-codecs.register_error(REPLACEMENTS.name, REPLACEMENTS)
 
 
 def cache_dir() -> Path:
@@ -79,142 +55,6 @@ def default_data_dir() -> Path:
                 return out_dir
         prepare_corpus("default", out_dir, val_fraction=DEFAULT_CORPUS_VAL_FRACTION, force=True)
     return out_dir
-
-
-# ---------------------------------------------------------------------------------------------------
-# Sources: which `datasets` reader, over which files
-
-
-def _local_format(path: Path) -> str | None:
-    suffix = next((s for s in LOCAL_FORMATS if path.name.lower().endswith(s)), None)
-    return suffix and LOCAL_FORMATS[suffix]
-
-
-def _local_files(source: str) -> list[Path] | None:
-    """The files a local source names, or None when `source` is not a local path (a dataset name)."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        candidates = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-        files = [p for p in candidates if _local_format(p)]
-        if not files:
-            raise SmallGPTError(f"no .txt, .jsonl, .jsonl.gz or .parquet files in directory {source}")
-        return files
-    if path.is_file():
-        return [path]
-    if glob.has_magic(source):
-        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True))
-        files = [p for p in files if p.is_file()]
-        if not files:
-            raise SmallGPTError(f"no files match {source}")
-        return files
-    if source.startswith((".", "/", "~")) or "." in Path(source).name:
-        raise SmallGPTError(f"no such file or directory: {source}")
-    return None
-
-
-def _open_local(source: str, files: list[Path], text_field: str, doc_separator: str | None):
-    formats = {_local_format(p) for p in files}
-    if None in formats:
-        bad = next(p for p in files if _local_format(p) is None)
-        raise SmallGPTError(f"unsupported file type: {bad} (expected .txt, .jsonl, .jsonl.gz or .parquet)")
-    if len(formats) > 1:
-        raise SmallGPTError(f"the source mixes file types ({', '.join(sorted(formats))}): use one kind")
-    builder = formats.pop()
-    if doc_separator is not None and builder != "text":
-        raise SmallGPTError("--doc-separator applies to .txt files only")
-    options: dict = {}
-    if builder == "text":
-        # One document per file (split further by --doc-separator later); bad UTF-8 is counted. The
-        # text reader always names its column "text".
-        options, text_field = {"sample_by": "document", "encoding_errors": REPLACEMENTS.name}, "text"
-    elif builder == "json":
-        # Spelled "utf8" rather than "utf-8" on purpose: only then does the JSON reader decode the bytes
-        # itself (honouring our counting error handler) instead of handing raw bytes to pyarrow, which
-        # rejects invalid UTF-8 outright.
-        options = {"encoding": "utf8", "encoding_errors": REPLACEMENTS.name}
-    data_files = [str(p) for p in files]
-    return _load_dataset(source, builder, data_files=data_files, split="train", **options), text_field
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _load_dataset(source: str, path: str, **kwargs):
-    """`datasets.load_dataset(path, ..., streaming=True)` with its failures turned into one-line errors."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    try:
-        return datasets.load_dataset(path, streaming=True, **kwargs)
-    except StopIteration:  # the JSON reader found no record to infer columns from
-        raise SmallGPTError(f"{source} holds no documents") from None
-    except (ConnectionError, FileNotFoundError, ValueError, RuntimeError) as exc:
-        raise SmallGPTError(f"cannot load {source}: {_first_line(exc)}") from None
-
-
-def open_source(source: str, text_field: str, split: str, doc_separator: str | None):
-    """(streaming dataset, name of its text column) for any source `prepare_corpus` accepts."""
-    if source == "default":
-        corpus = resources.files("smallgpt") / "assets" / "default-corpus.jsonl.gz"
-        return _open_local(source, [Path(str(corpus))], "text", doc_separator)
-    files = _local_files(source)
-    if files is not None:
-        return _open_local(source, files, text_field, doc_separator)
-    if doc_separator is not None:
-        raise SmallGPTError("--doc-separator applies to local .txt files only")
-    name = HF_ALIASES.get(source, source)
-    _check_hub_dataset(name)
-    return _load_dataset(source, name, split=split), text_field
-
-
-def _check_hub_dataset(name: str) -> None:
-    """Ask the Hub about `name` first: one quick request instead of `datasets`' minute of retries."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-
-    try:
-        HfApi().dataset_info(name, timeout=10)
-    except GatedRepoError:
-        raise SmallGPTError(
-            f"dataset {name!r} is gated: accept its terms on huggingface.co and log in"
-        ) from None
-    except RepositoryNotFoundError:
-        raise SmallGPTError(
-            f"no dataset {name!r} on the Hugging Face Hub, and no local file of that name"
-        ) from None
-    except Exception as exc:  # offline mode, DNS failure, timeout: whatever the HTTP library raises
-        raise SmallGPTError(
-            f"cannot reach dataset {name!r} on the Hugging Face Hub: it can't be streamed offline "
-            f"({type(exc).__name__}); for local files give a path"
-        ) from None
-
-
-def document_batches(dataset, text_field: str, doc_separator: str | None, source: str):
-    """Lists of document texts, DOCS_PER_BATCH at a time; raises on records without the text field."""
-    if dataset.column_names is not None:
-        if text_field not in dataset.column_names:
-            fields = ", ".join(dataset.column_names)
-            raise SmallGPTError(f"{source} has no field {text_field!r} (fields: {fields}); use --text-field")
-        dataset = dataset.select_columns([text_field])
-    try:
-        for batch in dataset.iter(batch_size=DOCS_PER_BATCH):
-            if text_field not in batch:
-                raise SmallGPTError(f"{source} has no field {text_field!r}; use --text-field")
-            texts = batch[text_field]
-            if any(not isinstance(text, str) for text in texts):
-                raise SmallGPTError(f"a record of {source} has no text in field {text_field!r}")
-            if doc_separator is not None:
-                texts = [piece for text in texts for piece in text.split(doc_separator)]
-            yield texts
-    except (UnicodeDecodeError, ValueError, OSError) as exc:  # pyarrow / json parse errors
-        raise SmallGPTError(f"cannot read {source}: {_first_line(exc)}") from None
-
-
-# ---------------------------------------------------------------------------------------------------
-# Tokenizing and writing
 
 
 def encode_documents(texts: list[str]) -> np.ndarray:
@@ -361,11 +201,13 @@ def prepare_corpus(
     out_dir = Path(out_dir)
     _check_arguments(out_dir, val_fraction, block_size, max_docs, force)
     dataset, text_field = open_source(source, text_field, split, doc_separator)
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    writers = {name: SplitWriter(out_dir / f"{name}.bin") for name in ("train", "val")}
+    writers: dict[str, SplitWriter] = {}
     replaced_before = REPLACEMENTS.count
     bar = _ProgressBar(max_docs, show_progress)
     try:
+        writers.update((name, SplitWriter(out_dir / f"{name}.bin")) for name in ("train", "val"))
         with bar.progress:
             batches = document_batches(dataset, text_field, doc_separator, source)
             documents, skipped = tokenize_into(batches, writers, val_fraction, seed, max_docs, bar)
@@ -373,6 +215,9 @@ def prepare_corpus(
     except BaseException:
         for writer in writers.values():
             writer.discard()
+        if created:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
         raise
     all_counts = writers["train"].token_counts + writers["val"].token_counts
     meta = {
