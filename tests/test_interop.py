@@ -2,9 +2,7 @@
 
 import dataclasses
 import json
-import subprocess
 import sys
-from subprocess import PIPE
 
 import pytest
 import torch
@@ -13,6 +11,7 @@ from test_cli import smallgpt
 from test_model import SMALL, hf_gpt2
 
 from smallgpt.checkpoint import load_model, save_weights
+from smallgpt.cli import main
 from smallgpt.config import ModelConfig
 from smallgpt.errors import SmallGPTError
 from smallgpt.interop import export_to_hf, hf_config_from, import_from_hf, state_dict_to_hf
@@ -121,7 +120,16 @@ def test_export_loads_cleanly_in_transformers(tmp_path):
     assert result[0]["generated_text"].startswith(PROMPT)
 
 
-def test_greedy_text_of_export_equals_smallgpt_sample(tmp_path):
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """`smallgpt ARGS` in this process (a new one spends seconds importing torch): code, stdout, stderr."""
+    monkeypatch.setattr(sys, "argv", ["smallgpt", *args])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    captured = capsys.readouterr()
+    return exited.value.code, captured.out, captured.err
+
+
+def test_greedy_text_of_export_equals_smallgpt_sample(tmp_path, monkeypatch, capsys):
     # A random GPT-2 with large weights: its greedy text varies, unlike the repetition small init gives.
     hf = hf_gpt2(seed=3)
     with torch.no_grad():
@@ -129,10 +137,14 @@ def test_greedy_text_of_export_equals_smallgpt_sample(tmp_path):
             if param.dim() == 2:
                 param.normal_(0, 0.3)
     write_hf_dir(hf, tmp_path / "original", "save_pretrained")
-    imported = smallgpt("import", str(tmp_path / "original"), "--out", str(tmp_path / "run"))
-    assert imported.returncode == 0, imported.stderr
-    exported = smallgpt("export", str(tmp_path / "run"), "--out", str(tmp_path / "export"))
-    assert exported.returncode == 0, exported.stderr
+    code, out, _ = run_cli(
+        monkeypatch, capsys, "import", str(tmp_path / "original"), "--out", str(tmp_path / "run")
+    )
+    assert code == 0 and "smallgpt sample" in out
+    code, out, _ = run_cli(
+        monkeypatch, capsys, "export", str(tmp_path / "run"), "--out", str(tmp_path / "export")
+    )
+    assert code == 0 and "from_pretrained" in out
 
     sample = smallgpt(
         "sample", str(tmp_path / "run"), "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", "50"
@@ -156,84 +168,91 @@ def test_export_refuses_what_gpt2_cannot_express():
         hf_config_from(ModelConfig(**{**SMALL, "vocab_size": 1000}))
 
 
-def edited_copy(source, target, config_changes=None, drop_weight=None):
+def edited_copy(source, target, config_changes=None, drop_weight=None) -> None:
     """A copy of an HF directory with config.json fields changed or one weight removed."""
     target.mkdir()
     config = json.loads((source / "config.json").read_text())
     (target / "config.json").write_text(json.dumps({**config, **(config_changes or {})}))
     state = load_file(source / "model.safetensors")
     save_file({k: v for k, v in state.items() if k != drop_weight}, target / "model.safetensors")
-    return target
 
 
-def test_every_refusal_is_one_line_via_the_cli(tmp_path):
-    """Bad input of each kind: exit status 1, one line naming the problem, no traceback, no output.
+class Payload:
+    """Unpickling this would run code."""
 
-    The commands run side by side: each spends seconds importing torch.
-    """
-    gpt2 = tmp_path / "gpt2"
-    write_hf_dir(hf_gpt2(), gpt2, "save_pretrained")
-    no_weights = tmp_path / "no_weights"
-    no_weights.mkdir()
-    (no_weights / "config.json").write_bytes((gpt2 / "config.json").read_bytes())
+    def __reduce__(self):
+        return (print, ("this ran",))
 
-    class Payload:  # unpickling this would run code
-        def __reduce__(self):
-            return (print, ("this ran",))
 
-    evil = tmp_path / "evil"
-    evil.mkdir()
-    (evil / "config.json").write_bytes((gpt2 / "config.json").read_bytes())
-    torch.save({"transformer.wte.weight": Payload()}, evil / "pytorch_model.bin")
-    imports = {
-        "not gpt2": (
-            edited_copy(gpt2, tmp_path / "llama", config_changes={"model_type": "llama"}),
-            "not a GPT-2 model: config.json has model_type 'llama'",
-        ),
-        "shape mismatch": (
-            edited_copy(gpt2, tmp_path / "wider", config_changes={"n_embd": 128}),
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    """A directory holding one input of each kind the commands must refuse."""
+    root = tmp_path_factory.mktemp("bad")
+    write_hf_dir(hf_gpt2(), root / "gpt2", "save_pretrained")
+    edited_copy(root / "gpt2", root / "llama", config_changes={"model_type": "llama"})
+    edited_copy(root / "gpt2", root / "wider", config_changes={"n_embd": 128})
+    edited_copy(root / "gpt2", root / "relu", config_changes={"activation_function": "relu"})
+    edited_copy(root / "gpt2", root / "partial", drop_weight="transformer.h.1.mlp.c_fc.weight")
+    for name in ("no_weights", "evil"):
+        (root / name).mkdir()
+        (root / name / "config.json").write_bytes((root / "gpt2" / "config.json").read_bytes())
+    torch.save({"transformer.wte.weight": Payload()}, root / "evil" / "pytorch_model.bin")
+    save_weights(random_smallgpt(bias=False), root / "nobias.safetensors")
+    save_weights(random_smallgpt(), root / "model.safetensors")
+    (root / "taken").mkdir()
+    (root / "taken" / "notes.txt").write_text("keep me")
+    return root
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["import", "llama"], "not a GPT-2 model: config.json has model_type 'llama'"),
+        (
+            ["import", "wider"],
             "shape mismatch: transformer.wte.weight is (50257, 64) but config.json implies (50257, 128)",
         ),
-        "missing weight": (
-            edited_copy(gpt2, tmp_path / "partial", drop_weight="transformer.h.1.mlp.c_fc.weight"),
-            "missing weights: transformer.h.1.mlp.c_fc.weight",
+        (["import", "partial"], "missing weights: transformer.h.1.mlp.c_fc.weight"),
+        (["import", "relu"], "cannot run this GPT-2 variant: activation_function='relu'"),
+        (["import", "no_weights"], "no weights in"),
+        (["import", "nowhere"], "Hugging Face model directory not found"),
+        (["import", "evil"], "cannot read weights from"),
+        (["import", "model.safetensors"], "is a file; give the Hugging Face model directory that holds it"),
+        (["export", "nobias.safetensors"], "cannot export to GPT-2: bias=False"),
+        (
+            ["export", "model.safetensors", "--out", "taken"],
+            "taken already exists (use --force to replace it)",
         ),
-        "variant": (
-            edited_copy(gpt2, tmp_path / "relu", config_changes={"activation_function": "relu"}),
-            "cannot run this GPT-2 variant: activation_function='relu'",
-        ),
-        "no weights": (no_weights, "no weights in"),
-        "not found": (tmp_path / "nowhere", "Hugging Face model directory not found"),
-        "pickled code": (evil, "cannot read weights from"),
-    }
-    cases = {
-        name: (["import", str(source), "--out", str(tmp_path / f"run-{i}")], message)
-        for i, (name, (source, message)) in enumerate(imports.items())
-    }
-    save_weights(random_smallgpt(bias=False), tmp_path / "nobias.safetensors")
-    save_weights(random_smallgpt(), tmp_path / "model.safetensors")
-    (tmp_path / "taken").mkdir()
-    (tmp_path / "taken" / "notes.txt").write_text("keep me")
-    export = ["export", str(tmp_path / "model.safetensors"), "--out", str(tmp_path / "taken")]
-    cases["bias=False"] = (
-        ["export", str(tmp_path / "nobias.safetensors"), "--out", str(tmp_path / "hf")],
-        "cannot export to GPT-2: bias=False",
+        (["export", "model.safetensors", "--out", "taken", "--force"], "refusing to replace"),
+    ],
+)
+def test_refusals_are_one_line_and_write_nothing(bad_inputs, tmp_path, monkeypatch, capsys, args, message):
+    command, source, *rest = args
+    out = [str(bad_inputs / rest[1])] if rest else [str(tmp_path / "out")]
+    code, stdout, err = run_cli(
+        monkeypatch, capsys, command, str(bad_inputs / source), "--out", *out, *rest[2:]
     )
-    cases["existing output"] = (export, "already exists (use --force to replace it)")
-    cases["forced over other files"] = ([*export, "--force"], "refusing to replace")
+    assert code == 1 and "this ran" not in stdout
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert message in err
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in (bad_inputs / "taken").iterdir()] == ["notes.txt"]
 
-    command = [sys.executable, "-m", "smallgpt"]
-    running = {
-        name: subprocess.Popen([*command, *args], stdout=PIPE, stderr=PIPE, text=True)
-        for name, (args, _) in cases.items()
-    }
-    for name, process in running.items():
-        _, stderr = process.communicate(timeout=120)
-        assert process.returncode == 1, (name, stderr)
-        assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, (name, stderr)
-        assert cases[name][1] in stderr, (name, stderr)
-    assert not any(tmp_path.glob("run-*")) and not (tmp_path / "hf").exists()
-    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["notes.txt"]
+
+def test_hub_model_id_offline_is_refused_with_the_reason(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the id is then no local path; conftest keeps the Hub offline
+    code, _, err = run_cli(monkeypatch, capsys, "import", "smallgpt-tests/no-such-model", "--out", "run")
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert (
+        "smallgpt-tests/no-such-model is not a local directory, and the Hugging Face Hub lookup failed" in err
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_refusal_in_a_real_process_has_no_traceback(bad_inputs, tmp_path):
+    result = smallgpt("import", str(bad_inputs / "llama"), "--out", str(tmp_path / "run"))
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: not a GPT-2 model") and len(result.stderr.splitlines()) == 1
 
 
 def test_force_replaces_a_previous_export_atomically(tmp_path):

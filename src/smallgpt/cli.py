@@ -160,9 +160,10 @@ def export(
     """Write a checkpoint as a Hugging Face GPT-2 model directory (weights, config, tokenizer)."""
     from smallgpt.interop import export_to_hf
 
-    path = export_to_hf(checkpoint, out, force=force)
-    console.print(f"exported {checkpoint} -> {path}", highlight=False)
-    console.print(f'load it with: AutoModelForCausalLM.from_pretrained("{path}")', highlight=False)
+    export_to_hf(checkpoint, out, force=force)
+    console.print(f"exported {checkpoint} -> {out}", highlight=False, soft_wrap=True)
+    load = f'AutoModelForCausalLM.from_pretrained("{out}")'
+    console.print(f"load it with transformers: {load}", highlight=False, soft_wrap=True)
 
 
 @app.command(name="import")
@@ -175,8 +176,8 @@ def import_(
     from smallgpt.interop import import_from_hf
 
     path = import_from_hf(hf_dir, out, force=force)
-    console.print(f"imported {hf_dir} -> {path}", highlight=False)
-    console.print(f"use it with: smallgpt sample {path.parent}  |  smallgpt train --init-from {path.parent}")
+    console.print(f"imported {hf_dir} -> {path}", highlight=False, soft_wrap=True)
+    console.print(f"use it with: smallgpt sample {out}  |  smallgpt train --init-from {out}", soft_wrap=True)
 
 
 @app.command()
@@ -225,8 +226,8 @@ def sample(
     from pathlib import Path
 
     from smallgpt.checkpoint import load_model
+    from smallgpt.distributed import pick_device
     from smallgpt.generate import Generator, SamplingParams
-    from smallgpt.serve import pick_device
 
     params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop or ()))
     if num_samples < 1:
@@ -273,6 +274,77 @@ def _print_samples(generator, prompt: str, params, num_samples: int) -> None:
             highlight=False,
             markup=False,
         )
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(
+    ctx: typer.Context,
+    config: Annotated[Optional[str], typer.Option("--config", help="TOML file of settings.")] = None,
+    preset: Annotated[
+        Optional[str], typer.Option(help="tiny (default), smallgpt-10m, smallgpt-26m, gpt2-124m.")
+    ] = None,
+    data: Annotated[
+        Optional[str], typer.Option(help="Prepared data dir (default: the bundled corpus).")
+    ] = None,
+    out: Annotated[Optional[str], typer.Option(help="Run directory (default: runs/PRESET).")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue RUN_DIR (or --out) from its last checkpoint.")
+    ] = False,
+    init_from: Annotated[
+        Optional[str], typer.Option(help="Start from a checkpoint's weights (fine-tuning).")
+    ] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto (CUDA, MPS, CPU), cpu, cuda, mps.")] = None,
+) -> None:
+    """Train a model; any setting can follow as key=value or --key value (e.g. max_iters=2000).
+
+    With no arguments: the tiny preset on the bundled corpus, ending with a generated sample.
+    Under `torchrun --nproc_per_node=N` the same command trains on N processes (DDP).
+    """
+    from smallgpt.train import train_command
+
+    args = list(ctx.args) + ([f"device={device}"] if device else [])
+    result = train_command(
+        args, preset=preset, config_file=config, data=data, out=out, resume=resume, init_from=init_from,
+        console=console,
+    )  # fmt: skip
+    if result.interrupted:
+        raise typer.Exit(130)
+
+
+@app.command(name="eval")
+def eval_(
+    checkpoint: Annotated[str, typer.Argument(help="Run dir (best, else latest), checkpoint dir or file.")],
+    data: Annotated[
+        str, typer.Option(help="Prepared data dir, or a raw .txt/.jsonl/.jsonl.gz/.parquet file.")
+    ],
+    split: Annotated[str, typer.Option(help="Split of a prepared data dir: val or train.")] = "val",
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
+    text_field: Annotated[str, typer.Option(help="Field holding the text in .jsonl/.parquet.")] = "text",
+    device: Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Loss and perplexity of a checkpoint over every block of DATA, deterministically."""
+    from smallgpt.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(
+        checkpoint, data, split=split, batch_size=batch_size, device=device, text_field=text_field
+    )
+    if as_json:
+        print(json.dumps(result))
+        return
+    console.print(
+        f"{result['checkpoint']} on {result['data']}: {result['tokens']:,} tokens, "
+        f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}",
+        highlight=False,
+    )
+
+
+@app.command()
+def plot(run_dir: Annotated[str, typer.Argument(help="Training run directory.")]) -> None:
+    """Redraw RUN_DIR/loss.png (train and validation loss vs tokens) from RUN_DIR/metrics.jsonl."""
+    from smallgpt.plot import plot_run
+
+    console.print(f"wrote {plot_run(run_dir)}", highlight=False)
 
 
 def main() -> None:

@@ -61,13 +61,13 @@ EXPORTABLE_FIELDS = {
 SPECIAL_TOKENS = {"bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN}
 # Hugging Face tokenizer file -> the packaged GPT-2 BPE file with the same content.
 TOKENIZER_FILES = {"vocab.json": "encoder.json", "merges.txt": "vocab.bpe"}
-# Where a Hugging Face directory keeps its weights, in order of preference (the safe format first).
-WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
+# Where a Hugging Face directory keeps its weights, by preference: safetensors (one file, or shards
+# listed in an index), else pickled PyTorch weights. The shard patterns select what a Hub download fetches.
+WEIGHT_LAYOUTS = (
+    ("model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"),
+    ("pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin"),
 )
+WEIGHT_FILES = tuple(name for layout in WEIGHT_LAYOUTS for name in layout[:2])
 
 
 # --- the mapping -------------------------------------------------------------------------------------
@@ -215,10 +215,8 @@ def export_to_hf(checkpoint: str | Path, out_dir: str | Path, *, force: bool = F
 
 
 def import_from_hf(hf_dir: str | Path, out_dir: str | Path, *, force: bool = False) -> Path:
-    """Read a local Hugging Face GPT-2 directory into `out_dir/model.safetensors`; returns that path."""
-    hf_dir = Path(hf_dir)
-    if not hf_dir.is_dir():
-        raise SmallGPTError(f"Hugging Face model directory not found: {hf_dir}")
+    """Read a Hugging Face GPT-2 directory (or Hub model id) into `out_dir/model.safetensors`; returns it."""
+    hf_dir = find_model_dir(hf_dir)
     config_file = hf_dir / "config.json"
     if not config_file.is_file():
         raise SmallGPTError(f"no config.json in {hf_dir} (not a Hugging Face model directory)")
@@ -229,6 +227,31 @@ def import_from_hf(hf_dir: str | Path, out_dir: str | Path, *, force: bool = Fal
     model.load_state_dict(state_dict_from_hf(hf_state, config))  # casts fp16/bf16 files to fp32
     atomic_write_dir(out, lambda tmp: save_weights(model, tmp / WEIGHTS_NAME))
     return out / WEIGHTS_NAME
+
+
+def find_model_dir(source: str | Path) -> Path:
+    """`source` if it is a local directory; otherwise a Hub model id, downloaded (config and weights only)."""
+    path = Path(source)
+    if path.exists():
+        if not path.is_dir():
+            raise SmallGPTError(f"{path} is a file; give the Hugging Face model directory that holds it")
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(str(source))
+    except HFValidationError:
+        raise SmallGPTError(f"Hugging Face model directory not found: {source}") from None
+    try:
+        local = Path(snapshot_download(str(source), allow_patterns=["config.json", *WEIGHT_LAYOUTS[0]]))
+        if not any((local / name).is_file() for name in WEIGHT_FILES):  # an older repo: pickled weights
+            local = Path(snapshot_download(str(source), allow_patterns=["config.json", *WEIGHT_LAYOUTS[1]]))
+    except Exception as exc:  # offline, no such repo, network down: the user's fix is the same
+        raise SmallGPTError(
+            f"{source} is not a local directory, and the Hugging Face Hub lookup failed: {_first_line(exc)}"
+        ) from None
+    return local
 
 
 def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
@@ -256,8 +279,7 @@ def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
         # weights_only: tensors and plain containers only, so a malicious pickle cannot run code.
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (SafetensorError, OSError, RuntimeError, pickle.UnpicklingError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SmallGPTError(f"cannot read weights from {path}: {reason}") from None
+        raise SmallGPTError(f"cannot read weights from {path}: {_first_line(exc)}") from None
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise SmallGPTError(f"{path} does not hold a state dict of tensors")
     return state
@@ -313,6 +335,12 @@ def _claim_output_dir(out_dir: str | Path, force: bool, markers: tuple[str, ...]
             f"refusing to replace {out}: it is not a directory holding {' and '.join(markers)}"
         )
     return out
+
+
+def _first_line(exc: Exception) -> str:
+    """The gist of a library's error, which may run to many lines."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _read_json(path: Path) -> dict:
