@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import codecs
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -232,6 +233,7 @@ class Generator:
         dtype = next(self.model.parameters()).dtype
         cache = KVCache(self.model.config, len(prompts), self.device, dtype)
         logits, filled = self._prefill(cache, histories)
+        decode_step = None  # built at the first step: a CUDA graph on a GPU
         for step in range(params.max_new_tokens):
             with torch.inference_mode():
                 next_tokens = sample_next_token(logits, params, rng)
@@ -255,7 +257,8 @@ class Generator:
             if filled == cache.capacity:  # window full: recompute it from the last block_size tokens
                 logits, filled = self._prefill(cache, histories)
             else:
-                logits, filled = self._forward(next_tokens[:, None], cache), filled + 1
+                decode_step = decode_step or self._decode_step(cache)
+                logits, filled = decode_step(next_tokens[:, None]), filled + 1
         return [
             Completion(row.text, ids, n, reason)
             for row, ids, n, reason in zip(rows, token_ids, prompt_lengths, finish, strict=True)
@@ -278,13 +281,55 @@ class Generator:
         return self._forward(idx.to(self.device), cache, valid_arg), width
 
     def _forward(self, idx: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """`GPT.forward_cached` in inference mode and eval mode (no dropout), the caller's mode restored."""
+        with self._inference():
+            return self.model.forward_cached(idx, cache, valid)
+
+    def _decode_step(self, cache: KVCache):
+        """A function from next tokens (B, 1) to logits: plain on a CPU, a replayed CUDA graph on CUDA."""
+        if self.device.type != "cuda":
+            return lambda tokens: self._forward(tokens, cache)
+        with self._inference():
+            return CudaGraphStep(self.model, cache)
+
+    @contextmanager
+    def _inference(self):
+        """Inference mode and eval mode (no dropout) for one forward pass; a training model is put back."""
         was_training = self.model.training
         if was_training:
             self.model.eval()
         try:
             with torch.inference_mode():
-                return self.model.forward_cached(idx, cache, valid)
+                yield
         finally:
             if was_training:
                 self.model.train()
+
+
+class CudaGraphStep:
+    """One decode step recorded as a CUDA graph, replayed for every token (CUDA only).
+
+    A small model on a GPU is bound by launching ~100 tiny kernels per token, not by arithmetic. The
+    cache's storage never moves and a decode step has fixed shapes (one token, attention over all
+    block_size slots under a mask), so the whole step can be recorded once and replayed with a single
+    launch; a window rebuild (prefill) refills the same storage, so the graph stays valid.
+    """
+
+    def __init__(self, model: GPT, cache: KVCache):
+        self.tokens = cache.next_position.new_zeros(cache.next_position.shape[0], 1)  # token ids (B, 1)
+        bookkeeping = (cache.key_valid, cache.next_position, cache.cursor)
+        saved = [t.clone() for t in bookkeeping]
+        side = torch.cuda.Stream()  # warm up off the main stream before capturing, as CUDA graphs need
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            model.forward_cached(self.tokens, cache)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):  # records the kernels; nothing runs
+            self.logits = model.forward_cached(self.tokens, cache)
+        for tensor, value in zip(bookkeeping, saved, strict=True):
+            tensor.copy_(value)  # undo the warm-up step (its keys/values sit in the slot the next step fills)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.graph.replay()
+        return self.logits

@@ -1,0 +1,307 @@
+"""Generation against independent references: full recomputation without a cache, each prompt run
+alone, float64 top-k / top-p sets, argmax, and the `smallgpt sample` command as users run it."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from smallgpt.checkpoint import save_weights
+from smallgpt.config import ModelConfig
+from smallgpt.errors import SmallGPTError
+from smallgpt.generate import Generator, SamplingParams, _RowText, sample_next_token
+from smallgpt.model import GPT
+from smallgpt.tokenizer import EOT_ID, decode, encode
+
+# Tiny, with a small context so that 200 new tokens cross it several times.
+SMALL = ModelConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+LONG_PROMPT = "It was the best of times, it was the worst of times, it was the age of wisdom, " * 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: threads only add synchronisation, which stalls badly on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_model(seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(ModelConfig(**{**SMALL.to_dict(), **overrides})).eval()
+    with torch.no_grad():  # sharper than the init's near-uniform logits, so samples follow the model
+        model.transformer.wte.weight.mul_(20)
+    return model
+
+
+def reference_generate(model: GPT, prompt: str, params: SamplingParams) -> list[int]:
+    """The slow, obviously right sampler: rerun the last block_size tokens for every new token."""
+    ids = encode(prompt) or [EOT_ID]
+    rng = torch.Generator().manual_seed(params.seed or 0)
+    new = []
+    with torch.no_grad():
+        for _ in range(params.max_new_tokens):
+            logits = model(torch.tensor([ids[-model.config.block_size :]]))[:, -1]
+            token = sample_next_token(logits, params, rng).item()
+            new.append(token)
+            ids.append(token)
+            if token == EOT_ID:
+                break
+    return new
+
+
+@pytest.mark.parametrize("prompt", ["The meaning of life", LONG_PROMPT], ids=["short", "longer-than-context"])
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(200, temperature=0), SamplingParams(200, temperature=1.0, top_k=50, seed=7)],
+    ids=["greedy", "sampled"],
+)
+def test_cached_generation_equals_full_recomputation_across_the_context_limit(prompt, params):
+    model = small_model()
+    [completion] = Generator(model).generate([prompt], params)
+    assert len(completion.token_ids) == 200 and completion.finish_reason == "length"
+    assert completion.token_ids == reference_generate(model, prompt, params)
+    assert completion.text == decode(completion.token_ids)
+    assert completion.prompt_tokens == len(encode(prompt))
+
+
+def test_batch_of_different_lengths_equals_each_prompt_alone():
+    generator = Generator(small_model())
+    prompts = ["Hi", LONG_PROMPT, "A much longer opening line, of a dozen tokens or so"]
+    params = SamplingParams(60, temperature=0)  # every row crosses the 32-token context
+    batch = generator.generate(prompts, params)
+    for prompt, completion in zip(prompts, batch, strict=True):
+        assert completion == generator.generate([prompt], params)[0]
+
+
+def test_top_k_samples_only_the_k_most_probable():
+    logits = torch.randn(1, 1000, generator=torch.Generator().manual_seed(0)).expand(2000, 1000)
+    params = SamplingParams(temperature=2.0, top_k=3, seed=1)
+    samples = sample_next_token(logits, params, torch.Generator().manual_seed(1))
+    assert set(samples.tolist()) == set(logits[0].topk(3).indices.tolist())
+
+
+def test_top_k_through_the_generator_against_recomputed_logits():
+    model = small_model()
+    params = SamplingParams(40, temperature=1.5, top_k=4, seed=3)
+    [completion] = Generator(model).generate(["Once upon a time"], params)
+    ids = encode("Once upon a time")
+    with torch.no_grad():
+        for token in completion.token_ids:
+            logits = model(torch.tensor([ids[-model.config.block_size :]]))[0, -1]
+            assert token in logits.topk(4).indices.tolist()
+            ids.append(token)
+
+
+def nucleus(logits: torch.Tensor, p: float) -> set[int]:
+    """Float64 reference: the smallest most-probable-first set with probability mass >= p."""
+    probs = logits.double().softmax(-1)
+    order = probs.argsort(descending=True)
+    size = int((probs[order].cumsum(0) < p).sum()) + 1
+    return set(order[:size].tolist())
+
+
+def test_top_p_samples_only_the_smallest_set_reaching_p():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(4000, 4)
+    rng = torch.Generator().manual_seed(0)
+    for p, expected in [(0.45, {0}), (0.75, {0, 1}), (0.9, {0, 1, 2}), (0.99, {0, 1, 2, 3})]:
+        samples = sample_next_token(logits, SamplingParams(top_p=p), rng)
+        assert set(samples.tolist()) == expected, p
+
+
+@pytest.mark.parametrize("scale", [4.0, 0.5], ids=["peaked", "flat-nucleus-of-thousands"])
+def test_top_p_over_the_full_vocabulary_matches_a_float64_reference(scale):
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.randn(4, 50257, generator=gen) * scale
+    logits = rows.repeat_interleave(50, dim=0)
+    samples = sample_next_token(logits, SamplingParams(top_p=0.9), gen).view(4, 50)
+    for row, drawn in zip(rows, samples, strict=True):
+        allowed = nucleus(row, 0.9)
+        assert set(drawn.tolist()) <= allowed
+        assert len(set(drawn.tolist())) > 1
+
+
+def test_temperature_towards_zero_is_argmax():
+    logits = torch.randn(200, 1000, generator=torch.Generator().manual_seed(2))
+    rng = torch.Generator().manual_seed(0)
+    for temperature in (0.0, 1e-4):
+        samples = sample_next_token(logits, SamplingParams(temperature=temperature), rng)
+        assert torch.equal(samples, logits.argmax(-1))
+
+
+def test_same_seed_same_text_and_stream_agrees_with_generate():
+    generator = Generator(small_model())
+    params = SamplingParams(30, seed=42)
+    first = generator.generate(["Hello"], params)
+    assert first == generator.generate(["Hello"], params)
+    assert first != generator.generate(["Hello"], SamplingParams(30, seed=43))
+    stream = generator.stream("Hello", params)
+    deltas = list(stream)
+    assert "".join(deltas) == stream.completion.text == first[0].text
+    assert stream.completion == first[0]
+
+
+def test_padded_vocabulary_ids_are_never_sampled():
+    model = small_model(vocab_multiple=64)
+    assert model.lm_head.weight.shape[0] > model.config.vocab_size
+    with torch.no_grad():  # make the padding rows score far above every real token
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.fill_(1.0)
+        model.transformer.wte.weight[model.config.vocab_size :] = 10.0
+    for params in (SamplingParams(20, seed=0), SamplingParams(20, temperature=0)):
+        [completion] = Generator(model).generate(["x"], params)
+        assert max(completion.token_ids) < model.config.vocab_size
+
+
+def test_end_of_text_always_stops():
+    model = small_model()
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.fill_(1.0)
+        model.transformer.wte.weight[EOT_ID] = 10.0
+    [completion] = Generator(model).generate(["x"], SamplingParams(20, seed=0))
+    assert completion.token_ids == [EOT_ID]
+    assert completion.text == "" and completion.finish_reason == "stop"
+
+
+def test_stop_string_ends_the_text_before_it():
+    generator = Generator(small_model())
+    full = generator.generate(["Hello"], SamplingParams(40, temperature=0))[0].text
+    stop = full[12:15]
+    expected = full[: full.index(stop)]
+    stopped = generator.generate(["Hello"], SamplingParams(40, temperature=0, stop=(stop, "never!")))
+    assert stopped[0].text == expected and stopped[0].finish_reason == "stop"
+    stream = generator.stream("Hello", SamplingParams(40, temperature=0, stop=(stop,)))
+    assert "".join(stream) == expected
+
+
+def test_text_deltas_hold_back_partial_characters_and_stop_string_prefixes():
+    row = _RowText(stop=("world!",))
+    # "é" arrives as two byte-level tokens; "wor" and "world" might begin the stop string, so they wait.
+    assert [row.add(b) for b in (b"caf\xc3", b"\xa9 hello wor", b"ld?", b" world")] == [
+        "caf",
+        "é hello ",
+        "world?",
+        " ",
+    ]
+    assert row.add(b"!") == "" and row.stopped and row.text == "café hello world? "
+    last = _RowText(stop=("xyz",))
+    assert last.add(b"ab x") == "ab " and last.add(b"y", final=True) == "xy"
+
+
+def test_empty_prompt_starts_from_end_of_text():
+    model = small_model()
+    [completion] = Generator(model).generate([""], SamplingParams(10, temperature=0))
+    assert completion.prompt_tokens == 1
+    assert completion.token_ids == reference_generate(model, "", SamplingParams(10, temperature=0))
+
+
+def test_training_mode_is_restored_and_dropout_is_off_while_generating():
+    model = small_model(dropout=0.5).train()
+    generator = Generator(model)
+    params = SamplingParams(10, temperature=0)
+    first = generator.generate(["Hello"], params)
+    assert model.training
+    assert first == generator.generate(["Hello"], params)
+    assert first == Generator(model.eval()).generate(["Hello"], params)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(temperature=-0.5), "temperature must be >= 0"),
+        (dict(top_k=0), "top_k must be at least 1"),
+        (dict(top_p=0.0), "top_p must be in (0, 1]"),
+        (dict(top_p=1.5), "top_p must be in (0, 1]"),
+        (dict(max_new_tokens=0), "max_new_tokens must be at least 1"),
+        (dict(stop=("",)), "stop strings must be non-empty"),
+    ],
+)
+def test_bad_sampling_params_are_refused(kwargs, message):
+    with pytest.raises(SmallGPTError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        SamplingParams(**kwargs)
+
+
+def test_model_with_another_vocabulary_is_refused():
+    with pytest.raises(SmallGPTError, match="incompatible checkpoint"):
+        Generator(GPT(ModelConfig(vocab_size=1000, block_size=8, n_layer=1, n_head=1, n_embd=8)))
+
+
+# --- the command line ---
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
+    save_weights(small_model(), path)
+    return path
+
+
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # as the fixture above, for the subprocesses
+
+
+def smallgpt(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "smallgpt", *args]
+    return subprocess.run(command, capture_output=True, text=True, input=stdin, env=ONE_THREAD, timeout=120)
+
+
+def test_sample_streams_the_prompt_and_its_greedy_continuation(checkpoint, tmp_path):
+    expected = Generator(small_model()).generate(["Hello"], SamplingParams(12, temperature=0))[0].text
+    result = smallgpt("sample", str(checkpoint), "--prompt=Hello", "--temperature=0", "--max-new-tokens=12")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"Hello{expected}\n"
+    assert "12 tokens" in result.stderr and "finish: length" in result.stderr
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text("Hello", encoding="utf-8")
+    stop = expected[5:8]
+    from_file = smallgpt(
+        "sample", str(checkpoint.parent), "--prompt-file", str(prompt_file), "--temperature", "0",
+        "--max-new-tokens", "12", "--stop", stop, "--stop", "unused",
+    )  # fmt: skip
+    assert from_file.stdout == f"Hello{expected[: expected.index(stop)]}\n"
+
+
+def test_sample_seeds_num_samples_empty_prompt_and_interactive(checkpoint):
+    args = ("sample", str(checkpoint), "--seed", "5", "--num-samples", "2", "--max-new-tokens", "8")
+    first, second = smallgpt(*args), smallgpt(*args)
+    assert first.returncode == 0 and first.stdout == second.stdout
+    one, two = first.stdout.split("-" * 40 + "\n")
+    assert one != two
+    assert "starting from <|endoftext|>" in first.stderr
+    session = smallgpt("sample", str(checkpoint), "--interactive", "--max-new-tokens", "5", stdin="Hi\nHo\n")
+    assert session.returncode == 0 and session.stderr.count("5 tokens") == 2
+    assert "Hi" in session.stdout and "Ho" in session.stdout
+
+
+def test_sample_bad_input_gives_one_line_errors(checkpoint, tmp_path):
+    not_weights = tmp_path / "notes.txt"
+    not_weights.write_text("hello")
+    other_vocab = tmp_path / "other.safetensors"
+    save_weights(GPT(ModelConfig(vocab_size=1000, block_size=8, n_layer=1, n_head=1, n_embd=8)), other_vocab)
+    ckpt = str(checkpoint)
+    cases = [
+        ([ckpt, "--temperature", "-1"], "temperature must be >= 0"),
+        ([ckpt, "--top-k", "0"], "top_k must be at least 1"),
+        ([ckpt, "--top-p", "1.5"], "top_p must be in (0, 1]"),
+        ([ckpt, "--max-new-tokens", "0"], "max_new_tokens must be at least 1"),
+        ([ckpt, "--num-samples", "0"], "num_samples must be at least 1"),
+        ([str(tmp_path / "missing")], "checkpoint not found"),
+        ([str(not_weights)], "not a readable safetensors file"),
+        ([str(other_vocab)], "incompatible checkpoint"),
+        ([ckpt, "--prompt-file", str(tmp_path / "absent.txt")], "cannot read prompt file"),
+    ]
+    # All at once: each is a fresh Python process, and they mostly wait on imports.
+    command = [sys.executable, "-m", "smallgpt", "sample"]
+    runs = [
+        subprocess.Popen([*command, *args], stdout=-1, stderr=-1, text=True, env=ONE_THREAD)
+        for args, _ in cases
+    ]
+    for (args, message), run in zip(cases, runs, strict=True):
+        _, stderr = run.communicate(timeout=120)
+        assert run.returncode == 1, (args, stderr)
+        assert message in stderr and "Traceback" not in stderr, (args, stderr)
+        assert len(stderr.strip().splitlines()) == 1, (args, stderr)
