@@ -152,7 +152,7 @@ def tokenize_into(
     finished jobs in submission order, so the files come out in stream order.
     """
     coin = np.random.default_rng(seed)  # one draw per document, in stream order: deterministic split
-    workers = os.cpu_count() or 1
+    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     pending: deque[tuple[SplitWriter, int, Future]] = deque()
     documents = skipped = 0
 
