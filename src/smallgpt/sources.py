@@ -132,7 +132,7 @@ def open_source(source: str, text_field: str, split: str, doc_separator: str | N
 def _check_hub_dataset(name: str) -> None:
     """Ask the Hub about `name` first: one quick request instead of `datasets`' minute of retries."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError
 
     try:
         HfApi().dataset_info(name, timeout=10)
