@@ -134,18 +134,28 @@ def test_separator_may_span_lines_and_read_batches(tmp_path, monkeypatch):
     assert np.array_equal(read_bin(tmp_path / "out" / "train.bin"), expected_tokens(DOCS))
 
 
-def test_hub_dataset_path_honours_split_and_text_field(tmp_path, monkeypatch):
+def test_hub_dataset_path_honours_subset_split_and_text_field(tmp_path, monkeypatch):
     """The named-dataset path (as for openwebtext), pointed at a local dataset repository."""
-    repo = tmp_path / "hub-dataset" / "data"
-    repo.mkdir(parents=True)
-    pq.write_table(pa.table({"content": DOCS[:30]}), repo / "train-00000-of-00001.parquet")
-    pq.write_table(pa.table({"content": DOCS[30:]}), repo / "validation-00000-of-00001.parquet")
-    monkeypatch.setitem(sources.HF_ALIASES, "tiny-hub", str(tmp_path / "hub-dataset"))
+    repo = tmp_path / "hub-dataset"
+    for subset, docs in (("small", DOCS[:20]), ("large", DOCS[20:])):
+        (repo / subset).mkdir(parents=True)
+        pq.write_table(pa.table({"content": docs[:-5]}), repo / subset / "train-00000-of-00001.parquet")
+        pq.write_table(pa.table({"content": docs[-5:]}), repo / subset / "validation-00000-of-00001.parquet")
+    configs = "".join(
+        f"- config_name: {subset}\n  data_files:\n"
+        f"  - {{split: train, path: {subset}/train-*}}\n"
+        f"  - {{split: validation, path: {subset}/validation-*}}\n"
+        for subset in ("small", "large")
+    )
+    (repo / "README.md").write_text(f"---\nconfigs:\n{configs}---\n")
+    monkeypatch.setitem(sources.HF_ALIASES, "tiny-hub", str(repo))
     monkeypatch.setattr(sources, "_check_hub_dataset", lambda name: None)
     options = {"val_fraction": 0, "text_field": "content", "show_progress": False}
-    meta = prepare_corpus("tiny-hub", tmp_path / "out", split="validation", **options)
-    assert np.array_equal(read_bin(tmp_path / "out" / "train.bin"), expected_tokens(DOCS[30:]))
-    assert meta["source"] == "tiny-hub" and meta["arguments"]["split"] == "validation"
+    meta = prepare_corpus("tiny-hub", tmp_path / "out", subset="large", split="validation", **options)
+    assert np.array_equal(read_bin(tmp_path / "out" / "train.bin"), expected_tokens(DOCS[-5:]))
+    assert meta["source"] == "tiny-hub" and meta["arguments"]["subset"] == "large"
+    prepare_corpus("tiny-hub", tmp_path / "small", subset="small", **options)
+    assert np.array_equal(read_bin(tmp_path / "small" / "train.bin"), expected_tokens(DOCS[:15]))
 
 
 def test_statistics_match_an_independent_count(tmp_path):
@@ -235,6 +245,9 @@ def write_bad_input(kind: str, root) -> tuple[str, dict, str]:
     if kind == "empty validation split":
         write_jsonl(root / "d.jsonl", ["only one document"])
         return str(root / "d.jsonl"), {"val_fraction": 0.001}, "validation split"
+    if kind == "subset of local files":
+        write_jsonl(root / "d.jsonl", ["fine"])
+        return str(root / "d.jsonl"), {"subset": "en"}, "--subset applies to Hugging Face datasets only"
     if kind == "unknown dataset offline":
         return "someone/no-such-dataset", {}, "cannot reach dataset 'someone/no-such-dataset'"
     raise AssertionError(kind)
@@ -252,6 +265,7 @@ BAD_INPUTS = [
     "glob matching nothing",
     "mixed formats",
     "empty validation split",
+    "subset of local files",
     "unknown dataset offline",
 ]
 

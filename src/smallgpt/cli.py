@@ -118,6 +118,9 @@ def prepare(
     max_docs: Annotated[Optional[int], typer.Option(help="Stop after this many documents.")] = None,
     text_field: Annotated[str, typer.Option(help="Field holding the text (JSON / parquet / HF).")] = "text",
     split: Annotated[str, typer.Option(help="Split of a Hugging Face dataset to read.")] = "train",
+    subset: Annotated[
+        Optional[str], typer.Option(help="Subset (configuration) of a Hugging Face dataset, e.g. en.")
+    ] = None,
     doc_separator: Annotated[
         Optional[str], typer.Option(help="Split .txt files into documents at this string.")
     ] = None,
@@ -140,6 +143,7 @@ def prepare(
         max_docs=max_docs,
         text_field=text_field,
         split=split,
+        subset=subset,
         doc_separator=doc_separator,
         block_size=block_size,
         force=force,

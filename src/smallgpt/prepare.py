@@ -192,6 +192,7 @@ def prepare_corpus(
     max_docs: int | None = None,
     text_field: str = "text",
     split: str = "train",
+    subset: str | None = None,
     doc_separator: str | None = None,
     block_size: int = 256,
     force: bool = False,
@@ -200,7 +201,7 @@ def prepare_corpus(
     """Tokenize `source` into `out_dir/{train,val}.bin` + `meta.json`; returns the meta dict."""
     out_dir = Path(out_dir)
     _check_arguments(out_dir, val_fraction, block_size, max_docs, force)
-    dataset, text_field = open_source(source, text_field, split, doc_separator)
+    dataset, text_field = open_source(source, text_field, split, doc_separator, subset)
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     writers: dict[str, SplitWriter] = {}
@@ -229,6 +230,7 @@ def prepare_corpus(
             "max_docs": max_docs,
             "text_field": text_field,
             "split": split,
+            "subset": subset,
             "doc_separator": doc_separator,
             "block_size": block_size,
         },

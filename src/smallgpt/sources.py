@@ -114,19 +114,28 @@ def _load_dataset(source: str, path: str, **kwargs):
         raise SmallGPTError(f"cannot load {source}: {_first_line(exc)}") from None
 
 
-def open_source(source: str, text_field: str, split: str, doc_separator: str | None):
-    """(streaming dataset, name of its text column) for any source `prepare_corpus` accepts."""
+def open_source(
+    source: str, text_field: str, split: str, doc_separator: str | None, subset: str | None = None
+):
+    """(streaming dataset, name of its text column) for any source `prepare_corpus` accepts.
+
+    `split` and `subset` (the dataset's configuration, e.g. "en" for allenai/c4) choose what a Hub
+    dataset streams; local files are always the whole of them.
+    """
     if source == "default":
-        corpus = resources.files("smallgpt") / "assets" / "default-corpus.jsonl.gz"
-        return _open_local(source, [Path(str(corpus))], "text", doc_separator)
-    files = _local_files(source)
+        files = [Path(str(resources.files("smallgpt") / "assets" / "default-corpus.jsonl.gz"))]
+        text_field = "text"
+    else:
+        files = _local_files(source)
     if files is not None:
+        if subset is not None:
+            raise SmallGPTError("--subset applies to Hugging Face datasets only, not to local files")
         return _open_local(source, files, text_field, doc_separator)
     if doc_separator is not None:
         raise SmallGPTError("--doc-separator applies to local .txt files only")
     name = HF_ALIASES.get(source, source)
     _check_hub_dataset(name)
-    return _load_dataset(source, name, split=split), text_field
+    return _load_dataset(source, name, name=subset, split=split), text_field
 
 
 def _check_hub_dataset(name: str) -> None:
