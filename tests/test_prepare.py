@@ -359,3 +359,6 @@ def test_mixcorpus_val_figures(shared_data, tmp_path):
     meta = prepare_corpus(source, tmp_path / "out", val_fraction=0, show_progress=False)
     assert meta["splits"]["train"]["documents"] == 486
     assert meta["splits"]["train"]["tokens"] == 481_448
+    with gzip.open(source, "rt", encoding="utf-8") as f:
+        docs = [json.loads(line)["text"] for line in f]
+    assert np.array_equal(read_bin(tmp_path / "out" / "train.bin"), expected_tokens(docs))
