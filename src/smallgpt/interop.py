@@ -86,6 +86,9 @@ def config_from_hf(hf_config: dict, vocab_multiple: int = 64) -> ModelConfig:
         "n_embd": 768,
     }
     shape = {key: hf_config.get(key, default) for key, default in defaults.items()}
+    for key, value in shape.items():
+        if type(value) is not int:
+            raise SmallGPTError(f"config.json has {key}={value!r}, expected a whole number")
     for key, fixed in GPT2_FIXED_OPTIONS.items():
         value = hf_config.get(key, fixed)
         same = (
