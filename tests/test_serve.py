@@ -285,6 +285,21 @@ def test_unknown_routes_and_methods(small_server):
         assert response.status_code == status and response.json()["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["no-such-run"], "checkpoint not found: no-such-run"),
+        (["CHECKPOINT", "--max-tokens-cap", "0"], "max_tokens cap must be at least 1, got 0"),
+    ],
+)
+def test_serve_command_refuses_bad_options_in_one_line(checkpoint, options, message):
+    options = [str(checkpoint) if o == "CHECKPOINT" else o for o in options]
+    result = subprocess.run(
+        [sys.executable, "-m", "smallgpt", "serve", *options], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1 and result.stderr.strip() == f"error: {message}"
+
+
 # --- concurrency ---
 
 
