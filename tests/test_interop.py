@@ -218,6 +218,7 @@ def bad_inputs(tmp_path_factory):
         (["import", "nowhere"], "Hugging Face model directory not found"),
         (["import", "evil"], "cannot read weights from"),
         (["import", "model.safetensors"], "is a file; give the Hugging Face model directory that holds it"),
+        (["import", "gpt2", "--out", "gpt2", "--force"], "is the directory being imported: pick another"),
         (["export", "nobias.safetensors"], "cannot export to GPT-2: bias=False"),
         (
             ["export", "model.safetensors", "--out", "taken"],

@@ -187,9 +187,9 @@ def state_dict_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dic
 
 def export_to_hf(checkpoint: str | Path, out_dir: str | Path, *, force: bool = False) -> Path:
     """Write a SmallGPT checkpoint as a Hugging Face GPT-2 directory: weights, configs, tokenizer."""
+    out = _claim_output_dir(out_dir, force, markers=("config.json", "model.safetensors"))
     model = load_model(checkpoint)
     hf_config = hf_config_from(model.config)
-    out = _claim_output_dir(out_dir, force, markers=("config.json", "model.safetensors"))
     hf_state = state_dict_to_hf(model.state_dict(), model.config)
     # Stored once, as transformers' own save_pretrained does: tie_word_embeddings re-ties it on load.
     del hf_state["lm_head.weight"]
@@ -219,13 +219,15 @@ def export_to_hf(checkpoint: str | Path, out_dir: str | Path, *, force: bool = F
 
 def import_from_hf(hf_dir: str | Path, out_dir: str | Path, *, force: bool = False) -> Path:
     """Read a Hugging Face GPT-2 directory (or Hub model id) into `out_dir/model.safetensors`; returns it."""
+    out = _claim_output_dir(out_dir, force, markers=(WEIGHTS_NAME,))
     hf_dir = find_model_dir(hf_dir)
+    if out == hf_dir.resolve():
+        raise SmallGPTError(f"--out {out_dir} is the directory being imported: pick another")
     config_file = hf_dir / "config.json"
     if not config_file.is_file():
         raise SmallGPTError(f"no config.json in {hf_dir} (not a Hugging Face model directory)")
     config = config_from_hf(_read_json(config_file))
     hf_state = _checked_hf_state(read_hf_weights(hf_dir), config)
-    out = _claim_output_dir(out_dir, force, markers=(WEIGHTS_NAME,))
     model = GPT(config)
     model.load_state_dict(state_dict_from_hf(hf_state, config))  # casts fp16/bf16 files to fp32
     atomic_write_dir(out, lambda tmp: save_weights(model, tmp / WEIGHTS_NAME))
