@@ -15,11 +15,13 @@ with stale positions. Within the window a step costs one position's work.
 from __future__ import annotations
 
 import codecs
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 
 from smallgpt.errors import SmallGPTError
 from smallgpt.model import GPT, KVCache
@@ -333,3 +335,48 @@ class CudaGraphStep:
         self.tokens.copy_(tokens)
         self.graph.replay()
         return self.logits
+
+
+class Int8Linear(nn.Module):
+    """A Linear layer that stores its weight as int8 with one scale per output row (CPU inference).
+
+    Decoding one sequence on a CPU is bound by reading the weights from memory for every token
+    (~120 MB for smallgpt-10m in fp32, 60% of it the tied head); int8 reads a quarter of that. Row w
+    is stored as round(w / s) with s = max|w| / 127 (error at most s/2 per weight); inputs pass through
+    bfloat16, the input type of PyTorch's int8 weight-only matmul kernel.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.register_buffer("weight", torch.round(weight / scale[:, None]).to(torch.int8))
+        self.register_buffer("scale", scale.to(torch.bfloat16))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scale)
+        y = y.to(x.dtype).view(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+def quantize_int8(model: GPT) -> GPT:
+    """A copy of `model` for CPU generation with every matmul weight in int8 (embeddings stay fp32).
+
+    About twice as fast at batch 1 on a CPU; logits move by about 1% of their spread, so samples are
+    as good but not bit-identical to fp32 (greedy text can differ where two tokens nearly tie).
+    """
+    if next(model.parameters()).device.type != "cpu":
+        raise SmallGPTError("int8 weights are for CPU generation; on a GPU use the fp32/bf16 model")
+    quantized = copy.deepcopy(model).eval()
+    for block in quantized.transformer.h:
+        for layer, name in [
+            (block.attn, "c_attn"),
+            (block.attn, "c_proj"),
+            (block.mlp, "c_fc"),
+            (block.mlp, "c_proj"),
+        ]:
+            setattr(layer, name, Int8Linear(getattr(layer, name)))
+    quantized.lm_head = Int8Linear(quantized.lm_head)  # unties it: lookups keep the fp32 embedding
+    return quantized
