@@ -1,0 +1,107 @@
+"""Validation loss and perplexity: a quick estimate during training, an exact pass at the end or on demand.
+
+The loss is the mean next-token cross-entropy in nats; perplexity = exp(loss), the number of equally
+likely tokens the model is, on average, choosing between (50,257 for a uniform guess over GPT-2's
+vocabulary, ~20-80 for a small trained model). The quick estimate averages a fixed set of random
+windows (the same ones every time, so successive estimates are comparable); the full pass scores every
+non-overlapping block of the split exactly once, so it is deterministic: same checkpoint, same number.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from smallgpt.distributed import Runtime, autocast, pick_device, pick_dtype
+from smallgpt.errors import SmallGPTError
+from smallgpt.loader import RandomBatches, load_split, sequential_batches
+from smallgpt.model import GPT
+
+
+def _scored(model: GPT, batches, runtime: Runtime, dtype: torch.dtype) -> float:
+    """Token-weighted mean loss of `model` over `batches`, summed over all ranks."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=runtime.device)  # (sum of losses, tokens)
+    try:
+        with torch.no_grad():
+            for x, y in batches:
+                x, y = x.to(runtime.device), y.to(runtime.device)
+                with autocast(runtime.device, dtype):
+                    loss = model(x, y)
+                total[0] += loss.double() * y.numel()
+                total[1] += y.numel()
+    finally:
+        model.train(was_training)
+    loss_sum, count = runtime.all_reduce_sum(total).tolist()
+    return loss_sum / max(count, 1)
+
+
+def estimate_loss(
+    model: GPT, tokens: np.ndarray, batch_size: int, batches: int, seed: int, runtime: Runtime, dtype
+) -> float:
+    """Mean loss over `batches` fixed random batches, shared out over the ranks."""
+    sampler = RandomBatches(
+        tokens, model.config.block_size, batch_size, seed, runtime.rank, runtime.world_size
+    )
+    per_rank = -(-batches // runtime.world_size)
+    return _scored(model, (sampler.next_batch() for _ in range(per_rank)), runtime, dtype)
+
+
+def full_pass_loss(model: GPT, tokens: np.ndarray, batch_size: int, runtime: Runtime, dtype) -> float:
+    """Mean loss over every non-overlapping block of `tokens` (ranks take disjoint blocks)."""
+    blocks = sequential_batches(tokens, model.config.block_size, batch_size, runtime.rank, runtime.world_size)
+    return _scored(model, blocks, runtime, dtype)
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def tokens_of_file(path: Path, text_field: str = "text") -> np.ndarray:
+    """A raw .txt/.jsonl/.jsonl.gz/.parquet file as one token stream, read as `smallgpt prepare` reads it."""
+    from smallgpt.prepare import document_batches, encode_documents, open_source
+
+    dataset, field = open_source(str(path), text_field, "train", None)
+    parts = [encode_documents(texts) for texts in document_batches(dataset, field, None, str(path))]
+    tokens = np.concatenate(parts) if parts else np.empty(0, dtype=np.uint16)
+    if len(tokens) < 2:
+        raise SmallGPTError(f"{path} holds no text to evaluate on")
+    return tokens
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    data: str | Path,
+    *,
+    split: str = "val",
+    batch_size: int = 8,
+    device: str = "auto",
+    text_field: str = "text",
+) -> dict:
+    """Full-pass loss and perplexity of a checkpoint on a prepared split (DATA = dir) or a raw file."""
+    from smallgpt.checkpoint import load_model, resolve_weights
+
+    if batch_size < 1:
+        raise SmallGPTError(f"batch size must be at least 1, got {batch_size}")
+    data = Path(data)
+    tokens = load_split(data, split) if data.is_dir() else tokens_of_file(data, text_field)
+    runtime = Runtime(0, 0, 1, pick_device(device))
+    weights = resolve_weights(checkpoint)
+    model = load_model(weights, runtime.device)
+    block_size = model.config.block_size
+    if len(tokens) < block_size + 1:
+        # Short inputs are scored as one shorter block rather than refused.
+        block_size = len(tokens) - 1
+    blocks = sequential_batches(tokens, block_size, batch_size)
+    loss = _scored(model, blocks, runtime, pick_dtype("auto", runtime.device))
+    return {
+        "checkpoint": str(weights),
+        "data": str(data) + (f" ({split})" if data.is_dir() else ""),
+        "tokens": int((len(tokens) - 1) // block_size * block_size),
+        "loss": loss,
+        "perplexity": perplexity(loss),
+    }

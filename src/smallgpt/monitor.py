@@ -1,0 +1,143 @@
+"""What a training run shows and records: progress bar, `metrics.jsonl`, TensorBoard, loss plot, MFU.
+
+MFU (model FLOPs utilisation) = FLOPs the model needs per token x tokens per second / the device's
+peak. The peak is not taken from a datasheet: `measure_matmul_peak` times a large matmul in the
+training dtype on this very device, so the figure says how much of the attainable speed the whole
+training step reaches (data loading, optimizer and Python included).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from smallgpt.evaluate import perplexity
+from smallgpt.plot import METRICS_NAME, plot_run, read_metrics
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a large square matmul in `dtype` on `device`: the attainable peak MFU is relative to."""
+    size, repeats = (8192, 20) if device.type == "cuda" else (1024, 6)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(2):  # warm-up: kernel selection, caches, clocks
+        a @ b
+    _synchronize(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    _synchronize(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - started)
+
+
+def trim_metrics(run_dir: Path, last_step: int) -> None:
+    """Drop records after `last_step`: a resumed run redoes those steps and logs them again."""
+    path = run_dir / METRICS_NAME
+    if path.is_file():
+        kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= last_step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def _tensorboard_writer(run_dir: Path):
+    """A TensorBoard SummaryWriter when tensorboard is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+class RunMonitor:
+    """Rank 0's window on the run; every method is a no-op on other ranks (enabled=False)."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        console: Console,
+        *,
+        start_step: int,
+        max_steps: int,
+        tokens_per_step: int,
+        flops_per_token: int,
+        peak_flops: float,
+        enabled: bool,
+    ) -> None:
+        self.run_dir, self.console, self.enabled = run_dir, console, enabled
+        self.tokens_per_step, self.flops_per_token, self.peak_flops = (
+            tokens_per_step,
+            flops_per_token,
+            peak_flops,
+        )
+        self.last_step, self.last_time = start_step, time.perf_counter()
+        self.metrics = open(run_dir / METRICS_NAME, "a") if enabled else None  # noqa: SIM115
+        self.tensorboard = _tensorboard_writer(run_dir) if enabled else None
+        self.progress = Progress(
+            TextColumn("step"),
+            MofNCompleteColumn(),
+            BarColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not enabled,
+        )
+        self.task = self.progress.add_task("train", total=max_steps, completed=start_step, status="")
+        self.progress.start()
+
+    def _record(self, record: dict) -> None:
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key not in ("kind", "step", "tokens"):
+                    self.tensorboard.add_scalar(f"{record['kind']}/{key}", value, record["tokens"])
+
+    def log_train(self, step: int, loss: float, lr: float) -> None:
+        """Record the loss after `step` updates; speed is measured since the previous log."""
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        tokens_per_s = (step - self.last_step) * self.tokens_per_step / max(now - self.last_time, 1e-9)
+        self.last_step, self.last_time = step, now
+        mfu = self.flops_per_token * tokens_per_s / self.peak_flops
+        self._record(
+            {"kind": "train", "step": step, "tokens": step * self.tokens_per_step, "loss": loss, "lr": lr,
+             "tokens_per_s": tokens_per_s, "mfu": mfu}
+        )  # fmt: skip
+        status = f"loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s  MFU {mfu:.1%}"
+        self.progress.update(self.task, completed=step, status=status)
+        if not self.console.is_terminal:  # logs and pipes get a line instead of a redrawn bar
+            self.console.print(f"step {step}: {status}", highlight=False)
+
+    def log_eval(self, step: int, val_loss: float, *, final: bool = False) -> None:
+        if not self.enabled:
+            return
+        kind = "final" if final else "eval"
+        self._record(
+            {"kind": kind, "step": step, "tokens": step * self.tokens_per_step, "val_loss": val_loss,
+             "val_perplexity": perplexity(val_loss)}
+        )  # fmt: skip
+        what = "full validation pass" if final else "validation estimate"
+        self.console.print(
+            f"step {step}: {what}: loss {val_loss:.4f}, perplexity {perplexity(val_loss):.1f}",
+            highlight=False,
+        )
+        plot_run(self.run_dir)
+
+    def close(self) -> None:
+        self.progress.stop()
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()

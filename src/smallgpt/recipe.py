@@ -1,0 +1,189 @@
+"""What a training run is: the training recipe (`TrainConfig`), presets, config files and overrides.
+
+A run is fully described by a `RunConfig`: the model's shape (`smallgpt.config.ModelConfig`) and the
+recipe below, whose defaults are the seed's (smallgpt-10m: 5000 updates of 8,192 tokens, AdamW 3e-4,
+cosine decay). Precedence, lowest first: preset -> TOML file -> `key=value` overrides. Every checkpoint
+stores its RunConfig, so `--resume` and `smallgpt eval` need nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from smallgpt.checkpoint import load_checkpoint, step_checkpoints
+from smallgpt.config import ModelConfig, get_preset, parse_overrides, with_overrides
+from smallgpt.distributed import DTYPES
+from smallgpt.errors import SmallGPTError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every knob of a training run. The defaults are the seed's recipe (`--preset smallgpt-10m`)."""
+
+    max_iters: int = 5000  # optimizer updates
+    batch_size: int = 32  # sequences per update, all processes together (x 256 tokens = 8,192)
+    micro_batch_size: int = 8  # sequences per forward/backward; the rest of the update is accumulated
+    learning_rate: float = 3e-4  # the peak, reached at the end of warm-up
+    min_lr: float = 3e-5  # the floor the cosine decays to
+    warmup_iters: int = 100
+    lr_decay_iters: int = 0  # updates until the floor is reached; 0 = max_iters
+    weight_decay: float = 0.1  # AdamW decay on matrices (dim >= 2) only, never biases or LayerNorm
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # largest global gradient norm; 0 = no clipping
+    eval_interval: int = 250  # updates between validation estimates and checkpoints
+    eval_iters: int = 20  # batches per validation estimate
+    log_interval: int = 10  # updates between progress/metrics records (the only device syncs)
+    keep_last: int = 3  # step checkpoints kept besides best/
+    seed: int = 1337
+    device: str = "auto"  # auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps
+    dtype: str = "auto"  # auto (bf16, or fp16 + gradient scaling, on CUDA; fp32 elsewhere) or a name
+    compile: bool = True  # torch.compile the model (CUDA only)
+    fused_loss: bool = True  # chunked linear + cross-entropy (smallgpt.loss) instead of full logits
+    sample_tokens: int = 200  # tokens of generated text printed at the end; 0 = none
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_iters >= 1, "max_iters must be at least 1"),
+            (self.micro_batch_size >= 1, "micro_batch_size must be at least 1"),
+            (self.batch_size >= 1 and self.batch_size % self.micro_batch_size == 0,
+             f"batch_size {self.batch_size} must be a positive multiple of micro_batch_size "
+             f"{self.micro_batch_size}"),
+            (self.learning_rate > 0 and math.isfinite(self.learning_rate), "learning_rate must be > 0"),
+            (0 <= self.min_lr <= self.learning_rate, "min_lr must be in [0, learning_rate]"),
+            (self.warmup_iters >= 0 and self.lr_decay_iters >= 0, "warmup/decay iters must be >= 0"),
+            (self.weight_decay >= 0 and self.grad_clip >= 0, "weight_decay and grad_clip must be >= 0"),
+            (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)"),
+            (min(self.eval_interval, self.eval_iters, self.log_interval, self.keep_last) >= 1,
+             "eval_interval, eval_iters, log_interval and keep_last must be at least 1"),
+            (self.dtype in ("auto", *DTYPES), f"dtype must be auto or one of {', '.join(DTYPES)}"),
+            (self.sample_tokens >= 0, "sample_tokens must be >= 0"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise SmallGPTError(f"bad training config: {message}")
+
+
+# Presets that have their own recipe; every other model preset trains with the seed's defaults.
+TRAIN_PRESETS = {
+    # ~3 minutes on a 2-core CPU: loss from 10.8 to ~6, text with English words and punctuation.
+    "tiny": TrainConfig(
+        max_iters=300, batch_size=16, micro_batch_size=16, learning_rate=2e-3, min_lr=2e-4,
+        warmup_iters=20, eval_interval=100, eval_iters=4, log_interval=10,
+    ),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A run's full description: the model's shape and the training recipe (saved in every checkpoint)."""
+
+    model: ModelConfig
+    train: TrainConfig
+    preset: str = "custom"  # the preset it started from; names the default run directory
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"preset": self.preset, "model": self.model.to_dict(), "train": dataclasses.asdict(self.train)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        model, train = ModelConfig.from_dict(values["model"]), with_overrides(TrainConfig(), values["train"])
+        return cls(model, train, values.get("preset", "custom"))
+
+
+def resolve_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    base: RunConfig | None = None,
+    model: ModelConfig | None = None,
+) -> RunConfig:
+    """Preset (default `tiny`) or `base`, then the TOML file's values, then the overrides.
+
+    Keys go to the model or the training config by name (the two share none). A TOML file may hold
+    `preset = "..."` and the keys at top level or under `[model]` / `[train]` tables. `model` replaces
+    the preset's model shape: fine-tuning keeps the checkpoint's shape (and by default the seed's recipe).
+    """
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            values = tomllib.loads(Path(config_file).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise SmallGPTError(f"cannot read config file {config_file}: {exc}") from None
+        preset = preset or values.get("preset")
+        values.pop("preset", None)
+        for table in ("model", "train"):
+            values.update(values.pop(table, {}))
+    values.update(overrides or {})
+    if base is None:
+        name = preset or ("finetune" if model is not None else "tiny")
+        base = RunConfig(model or get_preset(name), TRAIN_PRESETS.get(name, TrainConfig()), name)
+    elif preset is not None:
+        raise SmallGPTError("a resumed run keeps its preset: drop --preset")
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    model_values = {k: v for k, v in values.items() if k in model_fields}
+    train_values = {k: v for k, v in values.items() if k not in model_fields}
+    return RunConfig(
+        with_overrides(base.model, model_values), with_overrides(base.train, train_values), base.preset
+    )
+
+
+def saved_config(run_dir: str | Path) -> RunConfig:
+    """The config of the newest checkpoint in `run_dir`: what `--resume` continues."""
+    checkpoints = step_checkpoints(Path(run_dir))
+    if not checkpoints:
+        raise SmallGPTError(f"nothing to resume in {run_dir}: it has no checkpoints")
+    state, _ = load_checkpoint(checkpoints[-1])
+    return RunConfig.from_dict(state["config"])
+
+
+def split_cli_args(args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Extra command-line words -> (positional words, overrides): key=value, --key=value, --key value."""
+    positional, pairs = [], []
+    words = iter(args)
+    for word in words:
+        if word.startswith("--"):
+            key = word[2:]
+            if "=" not in key:
+                value = next(words, None)
+                if value is None:
+                    raise SmallGPTError(f"option {word} needs a value")
+                key = f"{key}={value}"
+            pairs.append(key)
+        elif "=" in word:
+            pairs.append(word)
+        else:
+            positional.append(word)
+    return positional, parse_overrides(pairs)
+
+
+def learning_rate_at(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of update `step` (0-based): linear warm-up, cosine decay, then the floor."""
+    if step < cfg.warmup_iters:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_iters
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if step >= decay_iters:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_iters) / max(decay_iters - cfg.warmup_iters, 1)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def require_same_shape(saved: ModelConfig, wanted: ModelConfig, where: Path) -> None:
+    """Refuse weights of another architecture; dropout alone may differ (it has no weights)."""
+    if dataclasses.replace(saved, dropout=wanted.dropout) != wanted:
+        diffs = [
+            f"{f.name}={getattr(saved, f.name)} (not {getattr(wanted, f.name)})"
+            for f in dataclasses.fields(saved)
+            if f.name != "dropout" and getattr(saved, f.name) != getattr(wanted, f.name)
+        ]
+        raise SmallGPTError(f"checkpoint {where} has an incompatible model config: {', '.join(diffs)}")

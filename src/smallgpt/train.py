@@ -1,0 +1,357 @@
+"""Training: the seed's recipe as a loop you can read, stop, resume exactly, and spread over many GPUs.
+
+    for each update (one AdamW step):
+        lr <- linear warm-up, then cosine decay to a floor
+        for each micro-batch of the update:        (under DDP: gradients all-reduced on the last one only)
+            loss = model(x, y) / accumulation_steps;  loss.backward()
+        clip the gradient norm to 1.0;  AdamW step (weight decay on matrices only)
+        every log_interval: progress bar, metrics.jsonl;  every eval_interval: val loss, checkpoint, plot
+    finally: a full pass over the validation split, and a sample of generated text
+
+Exact resume: every random choice is a pure function of (seed, update, rank). The data sampler is
+counter-based (`smallgpt.loader`) and the dropout RNG is reseeded from (seed, update, rank) before each
+update, so a checkpoint needs no RNG snapshot: weights + AdamW moments + sampler position + step say
+everything, and a resumed run computes bit for bit what an uninterrupted one computes (on CPU).
+The loop never waits for the device except at log/eval steps (`.item()`), so a GPU runs ahead freely.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+
+from smallgpt import distributed
+from smallgpt.checkpoint import (
+    STATE_NAME,
+    WEIGHTS_NAME,
+    atomic_write_dir,
+    check_run_dir,
+    load_checkpoint,
+    load_weights_into,
+    prune_checkpoints,
+    read_model_config,
+    resolve_weights,
+    save_checkpoint,
+    save_weights,
+    step_checkpoints,
+)
+from smallgpt.distributed import DeviceBatches, Runtime, StopSignal, autocast, pick_dtype
+from smallgpt.errors import SmallGPTError
+from smallgpt.evaluate import estimate_loss, full_pass_loss, perplexity
+from smallgpt.loader import RandomBatches, load_split
+from smallgpt.model import GPT
+from smallgpt.monitor import RunMonitor, measure_matmul_peak, trim_metrics
+from smallgpt.recipe import (
+    RunConfig,
+    TrainConfig,
+    learning_rate_at,
+    require_same_shape,
+    resolve_config,
+    saved_config,
+    split_cli_args,
+)
+
+
+def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (matmul weights, embeddings), none on biases and LayerNorms."""
+    params = [p for p in model.parameters() if p.requires_grad]  # the tied head appears once
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = True if device.type == "cuda" else None  # one kernel for all parameters on GPUs
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+@dataclass
+class TrainResult:
+    step: int
+    final_val_loss: float | None  # None when the run was interrupted before the end
+    interrupted: bool
+
+
+class Trainer:
+    """One process's share of a run: model, optimizer, data stream, and the loop over updates."""
+
+    def __init__(self, run: RunConfig, data_dir: Path, out_dir: Path, runtime: Runtime, console: Console,
+                 *, resume: bool = False, init_from: str | Path | None = None) -> None:  # fmt: skip
+        self.run, self.cfg, self.rt, self.out_dir, self.console = run, run.train, runtime, out_dir, console
+        cfg, device = self.cfg, runtime.device
+        per_update = cfg.micro_batch_size * runtime.world_size
+        if cfg.batch_size % per_update:
+            raise SmallGPTError(
+                f"batch_size {cfg.batch_size} is not a multiple of micro_batch_size x processes "
+                f"= {per_update}"
+            )
+        self.accumulation = cfg.batch_size // per_update
+        self.dtype = pick_dtype(cfg.dtype, device)
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        self.train_tokens, self.val_tokens = load_split(data_dir, "train"), load_split(data_dir, "val")
+        torch.manual_seed(cfg.seed)
+        self.model = GPT(run.model).to(device)
+        checkpoint_bytes = 16 * sum(p.numel() for p in self.model.parameters())  # weights + 2 moments
+        if runtime.is_main:
+            check_run_dir(out_dir, checkpoint_bytes)
+            if step_checkpoints(out_dir) and not resume:
+                raise SmallGPTError(
+                    f"{out_dir} already holds a run: continue it with --resume or pick another --out"
+                )
+        self.optimizer = make_optimizer(self.model, cfg, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        block, micro, rank, world = (
+            run.model.block_size,
+            cfg.micro_batch_size,
+            runtime.rank,
+            runtime.world_size,
+        )
+        sampler = RandomBatches(self.train_tokens, block, micro, cfg.seed, rank, world)
+        self.batches = DeviceBatches(sampler, device)
+        self.step, self.best_val_loss = 0, math.inf
+        if resume:
+            self._resume()
+        elif init_from is not None:
+            weights = resolve_weights(init_from)
+            require_same_shape(read_model_config(weights), run.model, weights)
+            load_weights_into(self.model, weights)
+        self.model.train()
+        self.train_model = self.model
+        if cfg.compile and device.type == "cuda":
+            self.train_model = torch.compile(self.model)
+        if runtime.distributed:
+            ids = [device.index] if device.type == "cuda" else None
+            self.train_model = torch.nn.parallel.DistributedDataParallel(self.train_model, device_ids=ids)
+        if runtime.is_main:
+            (out_dir / "config.json").write_text(json_dump(run.to_dict()))
+
+    def _resume(self) -> None:
+        checkpoints = step_checkpoints(self.out_dir)
+        if not checkpoints:
+            raise SmallGPTError(f"nothing to resume in {self.out_dir}: it has no checkpoints")
+        state, trainer_state = load_checkpoint(checkpoints[-1])
+        require_same_shape(RunConfig.from_dict(state["config"]).model, self.run.model, checkpoints[-1])
+        load_weights_into(self.model, checkpoints[-1] / WEIGHTS_NAME)
+        self.optimizer.load_state_dict(trainer_state["optimizer"])
+        self.scaler.load_state_dict(trainer_state["scaler"])
+        self.batches.load_state_dict(state["sampler"])
+        self.step = state["step"]
+        self.best_val_loss = math.inf if state["best_val_loss"] is None else state["best_val_loss"]
+        if self.rt.is_main:
+            trim_metrics(self.out_dir, self.step)
+            self.console.print(f"resuming {checkpoints[-1]} at step {self.step}", highlight=False)
+
+    @property
+    def tokens_per_update(self) -> int:
+        return self.cfg.batch_size * self.run.model.block_size
+
+    def update(self) -> torch.Tensor:
+        """One optimizer step at the current step's learning rate; returns the mean loss (on device)."""
+        cfg, lr = self.cfg, learning_rate_at(self.cfg, self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(
+            int(np.random.SeedSequence([cfg.seed, self.step, self.rt.rank]).generate_state(1)[0])
+        )
+        loss_sum = torch.zeros((), device=self.rt.device)
+        for micro_step in range(self.accumulation):
+            x, y = self.batches.next()
+            last = micro_step == self.accumulation - 1
+            # DDP all-reduces gradients in backward(); accumulate locally until the last micro-batch.
+            sync = nullcontext() if last or not self.rt.distributed else self.train_model.no_sync()
+            with sync:
+                with autocast(self.rt.device, self.dtype):
+                    loss = self._loss(x, y)
+                self.scaler.scale(loss / self.accumulation).backward()
+            loss_sum += loss.detach()
+        if cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not fp16-scaled ones
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return loss_sum / self.accumulation
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.cfg.fused_loss:
+            return self.train_model(x, y)
+        logits = self.train_model(x)  # (B, T, vocab): the full logits, as most implementations do
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+    def fit(self) -> TrainResult:
+        """Update until max_iters (or a stop signal), evaluating and checkpointing on the way."""
+        cfg, rt = self.cfg, self.rt
+        self._print_header()
+        peak = measure_matmul_peak(rt.device, self.dtype) if rt.is_main else 1.0
+        self.monitor = RunMonitor(
+            self.out_dir, self.console, start_step=self.step, max_steps=cfg.max_iters,
+            tokens_per_step=self.tokens_per_update, flops_per_token=self.model.flops_per_token(),
+            peak_flops=peak, enabled=rt.is_main,
+        )  # fmt: skip
+        stop = StopSignal()
+        try:
+            while self.step < cfg.max_iters:
+                loss = self.update()
+                evaluate = self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters
+                synced = evaluate or self.step % cfg.log_interval == 0
+                if synced:
+                    self._check_finite(value := rt.all_reduce_mean(loss).item(), "training loss")
+                    self.monitor.log_train(self.step, value, learning_rate_at(cfg, self.step - 1))
+                if evaluate:
+                    self._evaluate_and_save()
+                if (synced or not rt.distributed) and rt.any(stop.requested):
+                    if not evaluate:
+                        self._check_finite(rt.all_reduce_mean(loss).item(), "training loss")
+                        self._save()
+                    self.console.print(
+                        f"stopped at step {self.step}; checkpoint saved, continue with --resume"
+                    )
+                    return TrainResult(self.step, None, interrupted=True)
+            final = full_pass_loss(self.model, self.val_tokens, cfg.micro_batch_size, rt, self.dtype)
+            self.monitor.log_eval(self.step, final, final=True)
+            return TrainResult(self.step, final, interrupted=False)
+        finally:
+            stop.restore()
+            self.monitor.close()
+
+    def _print_header(self) -> None:
+        cfg, m = self.cfg, self.run.model
+        total = cfg.max_iters * self.tokens_per_update
+        self.console.print(
+            f"model: {m.n_layer} layers x {m.n_embd} dim x {m.n_head} heads, context {m.block_size}: "
+            f"{self.model.num_params() / 1e6:.2f}M non-embedding parameters "
+            f"({self.model.num_params(non_embedding=False) / 1e6:.2f}M in all)\n"
+            f"data: {len(self.train_tokens):,} train / {len(self.val_tokens):,} val tokens\n"
+            f"budget: {cfg.max_iters:,} updates x {self.tokens_per_update:,} tokens = "
+            f"{total / 1e6:.2f}M tokens "
+            f"(micro-batch {cfg.micro_batch_size} x {self.accumulation} accumulation x {self.rt.world_size} "
+            f"process(es) x {m.block_size} tokens; {total / max(len(self.train_tokens), 1):.2f} epochs)\n"
+            f"device: {self.rt.device}, {str(self.dtype).removeprefix('torch.')}; run dir: {self.out_dir}",
+            highlight=False,
+        )
+
+    def _check_finite(self, value: float, what: str) -> None:
+        if not math.isfinite(value):
+            checkpoints = step_checkpoints(self.out_dir)
+            kept = (
+                f"the last good checkpoint is {checkpoints[-1]}"
+                if checkpoints
+                else "no checkpoint was written"
+            )
+            raise SmallGPTError(
+                f"{what} became {value} at step {self.step}: stopped; {kept} (try a lower learning_rate)"
+            )
+
+    def _evaluate_and_save(self) -> None:
+        cfg = self.cfg
+        val_loss = estimate_loss(
+            self.model, self.val_tokens, cfg.micro_batch_size, cfg.eval_iters, cfg.seed, self.rt, self.dtype
+        )
+        self._check_finite(val_loss, "validation loss")
+        improved = val_loss < self.best_val_loss
+        self.best_val_loss = min(val_loss, self.best_val_loss)
+        self._save()
+        if improved and self.rt.is_main:
+            best = {"step": self.step, "val_loss": val_loss, "val_perplexity": perplexity(val_loss)}
+            atomic_write_dir(self.out_dir / "best", lambda tmp: self._write_weights(tmp, best))
+        self.monitor.log_eval(self.step, val_loss)
+
+    def _write_weights(self, directory: Path, state: dict) -> None:
+        save_weights(self.model, directory / WEIGHTS_NAME)
+        (directory / STATE_NAME).write_text(json_dump({**state, "config": self.run.to_dict()}))
+
+    def _save(self) -> None:
+        if not self.rt.is_main:
+            return
+        state = {
+            "step": self.step,
+            "tokens": self.step * self.tokens_per_update,
+            "best_val_loss": None if math.isinf(self.best_val_loss) else self.best_val_loss,
+            "sampler": self.batches.state_dict(),
+            "config": self.run.to_dict(),
+        }
+        trainer_state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+        save_checkpoint(
+            self.out_dir / "checkpoints" / f"step-{self.step:07d}", self.model, trainer_state, state
+        )
+        prune_checkpoints(self.out_dir, self.cfg.keep_last)
+
+
+def json_dump(values: dict) -> str:
+    return json.dumps(values, indent=2) + "\n"
+
+
+def train(
+    run: RunConfig,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    init_from: str | Path | None = None,
+    console: Console | None = None,
+) -> TrainResult:
+    """Train `run` on a prepared data dir into `out_dir`; under torchrun, this process's share of it."""
+    runtime = distributed.start(run.train.device)
+    console = console if runtime.is_main and console is not None else Console(quiet=not runtime.is_main)
+    try:
+        trainer = Trainer(
+            run, Path(data_dir), Path(out_dir), runtime, console, resume=resume, init_from=init_from
+        )
+        result = trainer.fit()
+        if runtime.is_main and not result.interrupted and run.train.sample_tokens:
+            _print_sample(trainer.model, run.train, console)
+        return result
+    finally:
+        distributed.stop(runtime)
+
+
+def _print_sample(model: GPT, cfg: TrainConfig, console: Console) -> None:
+    from smallgpt.generate import Generator, SamplingParams
+
+    params = SamplingParams(max_new_tokens=cfg.sample_tokens, temperature=0.8, top_k=200, seed=cfg.seed)
+    text = Generator(model).generate([""], params)[0].text
+    console.print("\nsample (temperature 0.8, top-k 200):", style="bold")
+    console.print(text, markup=False, highlight=False)
+
+
+def train_command(
+    args: list[str],
+    *,
+    preset: str | None = None,
+    config_file: str | None = None,
+    data: str | None = None,
+    out: str | None = None,
+    resume: bool = False,
+    init_from: str | None = None,
+    console: Console | None = None,
+) -> TrainResult:
+    """`smallgpt train`: settings from preset/file/`args`, data (default: the bundled corpus), run dir."""
+    positional, overrides = split_cli_args(args)
+    if positional and (not resume or out is not None or len(positional) > 1):
+        raise SmallGPTError(f"unexpected argument {positional[0]!r}: settings are written key=value")
+    out = positional[0] if positional else out
+    if resume and init_from is not None:
+        raise SmallGPTError("--resume continues a run; --init-from starts a new one: use one of them")
+    if resume:
+        if out is None:
+            raise SmallGPTError("--resume needs the run: smallgpt train --resume RUN_DIR")
+        run = resolve_config(preset, config_file, overrides, base=saved_config(out))
+    elif init_from is not None:
+        checkpoint_model = read_model_config(resolve_weights(init_from))
+        run = resolve_config(preset, config_file, overrides, model=checkpoint_model)
+    else:
+        run = resolve_config(preset, config_file, overrides)
+    if data is None:
+        from smallgpt.prepare import default_data_dir
+
+        data = default_data_dir()
+    out_dir = out if out is not None else Path("runs") / run.preset
+    return train(run, data, out_dir, resume=resume, init_from=init_from, console=console)

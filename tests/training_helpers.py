@@ -1,0 +1,127 @@
+"""Small, fast training set-ups shared by the training, checkpoint, DDP and evaluation tests.
+
+The data is a learnable synthetic stream over a 97-token alphabet (each token is the previous one plus
+1, 2 or 3, mod 97), so a 1-layer model with a 128-row vocabulary learns it in a few dozen updates:
+the loss falls from ln(128) ~ 4.85 towards ln(3) ~ 1.10.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from smallgpt.recipe import resolve_config
+
+REPO = Path(__file__).resolve().parents[1]
+# One thread everywhere: these models are too small to gain from more, runs in and out of the test
+# process then do identical arithmetic, and a busy machine cannot stall a thread team.
+ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Import this fixture into a test module to run its tests on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# A model and recipe small enough that an update takes milliseconds on a CPU.
+TINY_SETTINGS = {
+    "vocab_size": 128,
+    "vocab_multiple": 64,
+    "block_size": 16,
+    "n_layer": 1,
+    "n_head": 2,
+    "n_embd": 32,
+    "dropout": 0.0,
+    "batch_size": 4,
+    "micro_batch_size": 2,
+    "max_iters": 30,
+    "learning_rate": 1e-2,
+    "min_lr": 1e-3,
+    "warmup_iters": 5,
+    "eval_interval": 10,
+    "eval_iters": 2,
+    "log_interval": 1,
+    "sample_tokens": 0,
+    "device": "cpu",
+}
+
+
+def write_data(directory: Path, train_tokens: int = 20_000, val_tokens: int = 2_000) -> Path:
+    """A prepared-data directory (train.bin, val.bin) holding the synthetic stream."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train_tokens), ("val", val_tokens)):
+        (np.cumsum(rng.integers(1, 4, count)) % 97).astype(np.uint16).tofile(directory / f"{split}.bin")
+    return directory
+
+
+def tiny_run(**changes):
+    """The tiny RunConfig with `changes` applied (any model or training field)."""
+    return resolve_config(overrides={**TINY_SETTINGS, **changes})
+
+
+def cli_args(**changes) -> list[str]:
+    """The same settings as `key=value` words for `smallgpt train`."""
+    return [f"{key}={value}" for key, value in {**TINY_SETTINGS, **changes}.items()]
+
+
+def smallgpt(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """Run `python -m smallgpt ARGS` to completion, capturing its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "smallgpt", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=ONE_THREAD_ENV,
+        **kwargs,
+    )
+
+
+def start_smallgpt(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "smallgpt", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ONE_THREAD_ENV,
+    )
+
+
+def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Block until the run's metrics.jsonl has logged `step` (the run is then mid-way)."""
+    deadline = time.monotonic() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if metrics.is_file():
+            complete_lines = metrics.read_text().splitlines()[:-1]  # the last may be half-written
+            if any(json.loads(line)["step"] >= step for line in complete_lines):
+                return
+        if process.poll() is not None:
+            raise AssertionError(f"run ended before step {step}: {process.stderr.read()}")
+        time.sleep(0.02)
+    raise AssertionError(f"run did not reach step {step} in {timeout} s")
+
+
+def final_weights(run_dir: Path) -> dict:
+    """The weights of the newest step checkpoint of a run."""
+    newest = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    return load_file(str(newest / "model.safetensors"))
+
+
+def metrics(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [record for record in map(json.loads, lines) if record["kind"] == kind]
