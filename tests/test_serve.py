@@ -363,7 +363,7 @@ def test_playground_streams_text_in_headless_chromium(small_server, reference, t
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=flags)
         page = browser.new_page(viewport={"width": 1100, "height": 720})
         page.goto(small_server)
-        sync_api.expect(page.locator("#model")).to_contain_text("tiny")
+        sync_api.expect(page.locator("#model")).to_contain_text("tiny", timeout=30_000)
         # Record every change of the output, to see the text arrive in pieces rather than at once.
         page.evaluate(
             """() => {
@@ -378,8 +378,9 @@ def test_playground_streams_text_in_headless_chromium(small_server, reference, t
         page.fill("#seed", "7")
         page.fill("#top_k", "")
         page.click("#generate")
-        sync_api.expect(page.locator("#stats")).to_contain_text("tokens/s", timeout=30_000)
-        sync_api.expect(page.locator("#generate")).to_be_enabled()
+        # Done when the final usage chunk has put the prompt's token count in the stats line.
+        sync_api.expect(page.locator("#stats")).to_contain_text("prompt", timeout=60_000)
+        sync_api.expect(page.locator("#generate")).to_be_enabled(timeout=60_000)
         screenshot = tmp_path / "playground.png"
         page.screenshot(path=str(screenshot), full_page=True)
         print(f"playground screenshot: {screenshot}")

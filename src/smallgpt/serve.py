@@ -190,6 +190,7 @@ class Engine:
         self.generator = generator
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smallgpt-generate")
         self.active_choices = 0
+        self.closed = False
 
     def _advance(self, stream: TextStream) -> str | None:
         """The stream's next text delta, or None when it is done (StopIteration cannot cross a future).
@@ -213,7 +214,8 @@ class Engine:
             await events.put((index, exc))
         finally:
             self.active_choices -= 1
-            self.worker.submit(stream.close)  # on the worker thread: it may be mid-step there
+            if not self.closed:  # (at shutdown, the process ends: nothing to free)
+                self.worker.submit(stream.close)  # on the worker thread: it may be mid-step there
 
     async def run(
         self, request: Request, prompts: list[str], params: SamplingParams, n: int
@@ -244,6 +246,8 @@ class Engine:
                 task.cancel()
 
     def close(self) -> None:
+        """Stop the worker once its current step is done (the server is shutting down)."""
+        self.closed = True
         self.worker.shutdown(wait=True, cancel_futures=True)
 
 
@@ -263,7 +267,7 @@ def create_app(
     engine = Engine(Generator(model.eval()))
     created = int(time.time())
     playground = (resources.files("smallgpt") / "static" / "playground.html").read_text(encoding="utf-8")
-    Request_ = request_model(max_tokens_cap)
+    RequestBody = request_model(max_tokens_cap)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -274,7 +278,6 @@ def create_app(
         title="SmallGPT", summary="OpenAI-compatible completions from a SmallGPT model.", lifespan=lifespan
     )
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
-    errors = {"4XX": {"model": ErrorResponse, "description": "OpenAI's error object"}}
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
@@ -324,9 +327,12 @@ def create_app(
     @app.post(
         "/v1/completions",
         response_model=CompletionResponse,
-        responses={**errors, 200: {"content": {"text/event-stream": {}}}},
+        responses={
+            200: {"content": {"text/event-stream": {}}},
+            "4XX": {"model": ErrorResponse, "description": "OpenAI's error object"},
+        },
     )
-    async def completions(body: Request_, request: Request):
+    async def completions(body: RequestBody, request: Request):
         """Continue the prompt(s). With `stream`, server-sent events of chunks, then `data: [DONE]`."""
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) * body.n > MAX_CHOICES:
