@@ -14,6 +14,7 @@ from smallgpt.checkpoint import load_model, save_weights
 from smallgpt.cli import main
 from smallgpt.config import ModelConfig
 from smallgpt.errors import SmallGPTError
+from smallgpt.generate import Generator, SamplingParams
 from smallgpt.interop import export_to_hf, hf_config_from, import_from_hf, state_dict_to_hf
 from smallgpt.model import GPT
 from smallgpt.tokenizer import EOT_ID, encode
@@ -149,12 +150,20 @@ def test_greedy_text_of_export_equals_smallgpt_sample(tmp_path, monkeypatch, cap
     sample = smallgpt(
         "sample", str(tmp_path / "run"), "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", "50"
     )
-    assert sample.returncode == 0, sample.stderr
+    assert sample.returncode == 0 and "[50 tokens" in sample.stderr, sample.stderr
     generator = transformers.pipeline("text-generation", model=str(tmp_path / "export"))
     greedy = generator(PROMPT, max_new_tokens=50, do_sample=False, return_full_text=False)
     expected = greedy[0]["generated_text"]
     assert len(set(expected.split())) > 10  # a real test: varied text, not one token repeated
     assert sample.stdout == PROMPT + expected + "\n"
+
+    # The same at the level of token ids: transformers' generate against SmallGPT's Generator.
+    prompt_ids = torch.tensor([encode(PROMPT)])
+    hf_ids = generator.model.generate(
+        prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=50, do_sample=False
+    )
+    ours = Generator(load_model(tmp_path / "run")).generate([PROMPT], SamplingParams(50, temperature=0))
+    assert hf_ids[0, prompt_ids.shape[1] :].tolist() == ours[0].token_ids
 
 
 def test_export_refuses_what_gpt2_cannot_express():
