@@ -66,7 +66,9 @@ def tokens_of_file(path: Path, text_field: str = "text") -> np.ndarray:
     from smallgpt.prepare import document_batches, encode_documents, open_source
 
     dataset, field = open_source(str(path), text_field, "train", None)
-    parts = [encode_documents(texts) for texts in document_batches(dataset, field, None, str(path))]
+    batches = document_batches(dataset, field, None, str(path))
+    # Blank documents are skipped, as `smallgpt prepare` skips them.
+    parts = [encode_documents([t for t in texts if t and not t.isspace()]) for texts in batches]
     tokens = np.concatenate(parts) if parts else np.empty(0, dtype=np.uint16)
     if len(tokens) < 2:
         raise SmallGPTError(f"{path} holds no text to evaluate on")
