@@ -6,6 +6,7 @@ is the reference), whatever else it is doing at the time.
 """
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -40,8 +41,12 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(checkpoint) -> Generator:
-    return Generator(load_model(checkpoint))
+def reference(checkpoint):
+    """The library on the same weights, on one torch thread like the servers (see `running_server`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield Generator(load_model(checkpoint))
+    torch.set_num_threads(threads)
 
 
 def expected(reference: Generator, prompt: str, **params):
@@ -59,8 +64,11 @@ def running_server(checkpoint: Path, *options: str):
     """`python -m smallgpt serve` in a subprocess; yields its base URL; its log must show no crash."""
     port, log_path = free_port(), checkpoint.parent / f"server-{time.monotonic_ns()}.log"
     command = [sys.executable, "-m", "smallgpt", "serve", str(checkpoint), "--port", str(port), *options]
+    # One torch thread, as in `reference`: the same arithmetic, so the same sampled text (thread counts
+    # change float summation order); and two processes spinning two threads each on two cores crawl.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
