@@ -298,6 +298,7 @@ def test_unknown_routes_and_methods(small_server):
     [
         (["no-such-run"], "checkpoint not found: no-such-run"),
         (["CHECKPOINT", "--max-tokens-cap", "0"], "max_tokens cap must be at least 1, got 0"),
+        (["CHECKPOINT", "--device", "abacus"], "unknown device 'abacus': use auto, cpu, cuda, cuda:N or mps"),
     ],
 )
 def test_serve_command_refuses_bad_options_in_one_line(checkpoint, options, message):

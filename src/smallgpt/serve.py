@@ -399,15 +399,6 @@ async def sse_chunks(events, reply: dict, n: int, include_usage: bool) -> AsyncI
     yield "data: [DONE]\n\n"
 
 
-def pick_device(name: str) -> str:
-    """`auto` means the fastest device present: CUDA, then Apple's MPS, then the CPU."""
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
-
-
 def serve(
     checkpoint: str,
     *,
@@ -420,6 +411,7 @@ def serve(
     import uvicorn
 
     from smallgpt.checkpoint import WEIGHTS_NAME, load_model, resolve_weights
+    from smallgpt.distributed import pick_device
 
     weights = resolve_weights(checkpoint)
     name = weights.parent.name if weights.name == WEIGHTS_NAME else weights.stem
