@@ -9,6 +9,7 @@ Prints, each the best of --repeats runs, sampling at temperature 1 from <|endoft
   - batch 8, 256 new tokens per row (tokens/s counts all rows);
   - past the context: a 256-token prompt and 32 new tokens, so every token recomputes the whole window
     (positions are learned absolute embeddings; this is the price of sliding exactly);
+  - (CPU) batch 1 with int8 weights (`quantize_int8`): a quarter of the bytes to stream per token;
   - peers on the same shape and machine, in the same process: a no-cache sampler that reruns the last
     block_size tokens per new token (nanoGPT's `generate`, head on the last position only), and
     Hugging Face `GPT2LMHeadModel.generate` with its KV cache (if transformers is installed; 255 new
@@ -25,7 +26,7 @@ import time
 import torch
 
 from smallgpt.config import get_preset
-from smallgpt.generate import Generator, SamplingParams, sample_next_token
+from smallgpt.generate import Generator, SamplingParams, quantize_int8, sample_next_token
 from smallgpt.model import GPT
 from smallgpt.tokenizer import EOT_ID
 
@@ -112,22 +113,27 @@ def main() -> None:
             args.repeats,
         ),
     ]
-    if not args.no_peers:
+    if device.type == "cpu":
+        int8 = Generator(quantize_int8(model))
         cases.append(
+            (f"smallgpt Generator, int8 weights, batch 1, {n}", lambda: ours(int8, 1, n), args.repeats)
+        )
+    peers = []
+    if not args.no_peers:
+        peers.append(
             (f"no-cache sampler (nanoGPT style), batch 1, {n}", lambda: no_cache(model, n, device), 1)
         )
         hf = hf_model(model, device)
         if hf is not None:
             hf_generate(hf, 8, device)  # warm-up
-            cases.append(
+            peers.append(
                 (f"HF transformers generate, batch 1, {n - 1}", lambda: hf_generate(hf, n - 1, device), 1)
             )
-    rows = [(name, timed(run, repeats)) for name, run, repeats in cases]
-    for name, (rate, cpu_ms) in rows:
+    rows = [(name, *timed(run, repeats)) for name, run, repeats in cases + peers]
+    for name, rate, cpu_ms in rows:
         print(f"{name:<72} {rate:8.1f} tokens/s   {cpu_ms:6.2f} CPU ms/token")
-    ours_rate = rows[0][1][0]
-    for name, (rate, _) in rows[3:]:
-        print(f"batch-1 speed-up over {name.split(',')[0]}: {ours_rate / rate:.1f}x")
+    for name, rate, _ in rows[len(cases) :]:
+        print(f"batch-1 speed-up over the {name.split(',')[0]}: {rows[0][1] / rate:.1f}x")
 
 
 if __name__ == "__main__":

@@ -134,7 +134,7 @@ def test_top_p_over_the_full_vocabulary_matches_a_float64_reference(scale):
 def test_temperature_towards_zero_is_argmax():
     logits = torch.randn(200, 1000, generator=torch.Generator().manual_seed(2))
     rng = torch.Generator().manual_seed(0)
-    for temperature in (0.0, 1e-4):
+    for temperature in (0.0, 1e-4, 1e-40):
         samples = sample_next_token(logits, SamplingParams(temperature=temperature), rng)
         assert torch.equal(samples, logits.argmax(-1))
 

@@ -225,13 +225,16 @@ def sample(
         bool, typer.Option("--interactive", help="Prompt loop: type a prompt, get samples; Ctrl-D ends.")
     ] = False,
     device: Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps.")] = "auto",
+    int8: Annotated[
+        bool, typer.Option("--int8", help="int8 weights: ~2x faster on a CPU, logits within ~1%.")
+    ] = False,
 ) -> None:
     """Continue a prompt with a trained model, printing tokens as they are produced."""
     from pathlib import Path
 
     from smallgpt.checkpoint import load_model
     from smallgpt.distributed import pick_device
-    from smallgpt.generate import Generator, SamplingParams
+    from smallgpt.generate import Generator, SamplingParams, quantize_int8
 
     params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop or ()))
     if num_samples < 1:
@@ -243,7 +246,8 @@ def sample(
             prompt = Path(prompt_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise SmallGPTError(f"cannot read prompt file {prompt_file}: {exc}") from None
-    generator = Generator(load_model(checkpoint, pick_device(device)))
+    model = load_model(checkpoint, pick_device(device))
+    generator = Generator(quantize_int8(model) if int8 else model)
     if prompt is not None or not interactive:
         _print_samples(generator, prompt or "", params, num_samples)
     while interactive:

@@ -76,7 +76,8 @@ def sample_next_token(
     """One token id per row of `logits` (B, vocab) under temperature, top-k and top-p."""
     if params.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / params.temperature
+    # Shift the best score to 0 before dividing: a tiny temperature then gives -inf, never inf - inf.
+    logits = (logits.float() - logits.max(dim=-1, keepdim=True).values) / params.temperature
     candidates = None  # when set, column j of the scores belongs to token candidates[:, j]
     if params.top_k is not None and params.top_k < logits.shape[-1]:
         logits, candidates = logits.topk(params.top_k, dim=-1)  # sorted, most probable first
