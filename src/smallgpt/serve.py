@@ -36,7 +36,6 @@ from dataclasses import replace
 from importlib import resources
 from typing import Annotated, Literal
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -44,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from smallgpt.errors import SmallGPTError
-from smallgpt.generate import Completion, Generator, SamplingParams, TextStream
+from smallgpt.generate import Completion, Generator, SamplingParams
 from smallgpt.model import GPT
 
 log = logging.getLogger("smallgpt.serve")
@@ -192,21 +191,13 @@ class Engine:
         self.active_choices = 0
         self.closed = False
 
-    def _advance(self, stream: TextStream) -> str | None:
-        """The stream's next text delta, or None when it is done (StopIteration cannot cross a future).
-
-        Inference mode is entered around every step because it is thread-local state that the
-        interleaved generators would otherwise switch on and off for each other.
-        """
-        with torch.inference_mode():
-            return next(stream, None)
-
     async def _run_choice(self, index: int, prompt: str, params: SamplingParams, events: asyncio.Queue):
         loop = asyncio.get_running_loop()
         stream = self.generator.stream(prompt, params)
         self.active_choices += 1
         try:
-            while (delta := await loop.run_in_executor(self.worker, self._advance, stream)) is not None:
+            # next(stream, None): the next text delta, or None at the end (no StopIteration in a future)
+            while (delta := await loop.run_in_executor(self.worker, next, stream, None)) is not None:
                 await events.put((index, delta))
             await events.put((index, stream.completion))
         except Exception as exc:  # reported to the client by the response, never a crashed server
