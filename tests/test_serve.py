@@ -172,6 +172,11 @@ def test_n_choices_and_prompt_lists(client, reference):
     for choice in result.choices:  # choice i samples with seed + i
         assert choice.text == expected(reference, "Hi", max_new_tokens=8, seed=11 + choice.index).text
     assert result.usage.prompt_tokens == len(encode("Hi"))  # the prompt counts once, not n times
+    streamed = client.completions.create(model="tiny", prompt="Hi", max_tokens=8, n=3, seed=11, stream=True)
+    texts = ["", "", ""]
+    for chunk in streamed:  # the choices' deltas arrive interleaved, told apart by index
+        texts[chunk.choices[0].index] += chunk.choices[0].text
+    assert texts == [c.text for c in result.choices]
     both = client.completions.create(model="tiny", prompt=["a", "b c"], max_tokens=4, n=2, seed=1)
     assert [c.index for c in both.choices] == [0, 1, 2, 3]
     assert both.choices[2].text == expected(reference, "b c", max_new_tokens=4, seed=3).text
