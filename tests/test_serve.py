@@ -25,7 +25,7 @@ from smallgpt.checkpoint import load_model, save_weights
 from smallgpt.config import get_preset
 from smallgpt.generate import Generator, SamplingParams
 from smallgpt.model import GPT
-from smallgpt.serve import DEFAULT_MAX_BODY_BYTES
+from smallgpt.serve import DEFAULT_MAX_BODY_BYTES, model_name
 from smallgpt.tokenizer import encode
 
 LARGE_CAP = 100_000  # lets a request run for minutes, to watch a disconnect stop it
@@ -232,6 +232,16 @@ def test_models_health_schema_and_playground(client, server):
     assert {"/v1/completions", "/v1/models", "/health"} <= set(paths)
     page = requests.get(server, timeout=10)
     assert page.headers["content-type"].startswith("text/html") and "SmallGPT playground" in page.text
+
+
+def test_the_model_is_named_after_its_run_or_file(tmp_path):
+    best = tmp_path / "runs" / "tiny" / "best"
+    best.mkdir(parents=True)
+    (best / "model.safetensors").touch()
+    (tmp_path / "gpt2.v1.safetensors").touch()
+    assert model_name(tmp_path / "runs" / "tiny") == "tiny"
+    assert model_name(best / "model.safetensors") == "best"
+    assert model_name(tmp_path / "gpt2.v1.safetensors") == "gpt2.v1"
 
 
 # --- bad input: always OpenAI's error object, never a 500 ---

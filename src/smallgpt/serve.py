@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from importlib import resources
+from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import FastAPI, Request
@@ -42,6 +43,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from smallgpt.checkpoint import WEIGHTS_NAME
 from smallgpt.errors import SmallGPTError
 from smallgpt.generate import Completion, Generator, SamplingParams
 from smallgpt.model import GPT
@@ -390,6 +392,14 @@ async def sse_chunks(events, reply: dict, n: int, include_usage: bool) -> AsyncI
     yield "data: [DONE]\n\n"
 
 
+def model_name(checkpoint: str | Path) -> str:
+    """What /v1/models calls a checkpoint: the run or checkpoint directory's name, else the file's stem."""
+    path = Path(checkpoint).resolve()
+    if path.name == WEIGHTS_NAME:
+        path = path.parent
+    return path.stem if path.is_file() else path.name
+
+
 def serve(
     checkpoint: str,
     *,
@@ -401,12 +411,10 @@ def serve(
     """Load a checkpoint and serve it with uvicorn until interrupted (localhost unless told otherwise)."""
     import uvicorn
 
-    from smallgpt.checkpoint import WEIGHTS_NAME, load_model, resolve_weights
+    from smallgpt.checkpoint import load_model
     from smallgpt.distributed import pick_device
 
-    weights = resolve_weights(checkpoint)
-    name = weights.parent.name if weights.name == WEIGHTS_NAME else weights.stem
-    model = load_model(weights, pick_device(device))
+    model, name = load_model(checkpoint, pick_device(device)), model_name(checkpoint)
     app = create_app(model, model_name=name, max_tokens_cap=max_tokens_cap)
     print(f"serving {name} at http://{host}:{port}/  (API: /v1/completions, schema: /openapi.json)")
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
