@@ -1,6 +1,7 @@
 """Generation against independent references: full recomputation without a cache, each prompt run
 alone, float64 top-k / top-p sets, argmax, and the `smallgpt sample` command as users run it."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -74,13 +75,14 @@ def test_cached_generation_equals_full_recomputation_across_the_context_limit(pr
     assert completion.prompt_tokens == len(encode(prompt))
 
 
-def test_batch_of_different_lengths_equals_each_prompt_alone():
+@pytest.mark.parametrize("params", [SamplingParams(60, temperature=0), SamplingParams(60, seed=5)])
+def test_batch_of_different_lengths_equals_each_prompt_alone(params):
     generator = Generator(small_model())
     prompts = ["Hi", LONG_PROMPT, "A much longer opening line, of a dozen tokens or so"]
-    params = SamplingParams(60, temperature=0)  # every row crosses the 32-token context
-    batch = generator.generate(prompts, params)
-    for prompt, completion in zip(prompts, batch, strict=True):
-        assert completion == generator.generate([prompt], params)[0]
+    batch = generator.generate(prompts, params)  # every row crosses the 32-token context
+    for i, (prompt, completion) in enumerate(zip(prompts, batch, strict=True)):
+        alone = dataclasses.replace(params, seed=None if params.seed is None else params.seed + i)
+        assert completion == generator.generate([prompt], alone)[0]
 
 
 def test_top_k_samples_only_the_k_most_probable():

@@ -30,13 +30,18 @@ from smallgpt.tokenizer import EOT_ID, encode, get_tokenizer
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick each next token. Same seed, same prompts, same model -> same text."""
+    """How to pick each next token. Same seed, same prompt, same model -> same text.
+
+    Row i of a batch samples with seed + i from its own random stream, so its text is the text that
+    prompt gets alone with seed + i, whatever else is in the batch (as the server's choice i and the
+    CLI's sample i).
+    """
 
     max_new_tokens: int = 100
     temperature: float = 1.0  # 0 = greedy (always the most probable token)
     top_k: int | None = None  # sample only among the k most probable tokens
     top_p: float | None = None  # ... only among the smallest set whose probability mass reaches p
-    seed: int | None = None  # None = a fresh random seed per call
+    seed: int | None = None  # None = a fresh random seed per call; row i of a batch uses seed + i
     stop: tuple[str, ...] = ()  # end when the text contains one of these (not included in the text)
 
     def __post_init__(self) -> None:
@@ -71,9 +76,12 @@ class Completion:
 
 
 def sample_next_token(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | list | None = None
 ) -> torch.Tensor:
-    """One token id per row of `logits` (B, vocab) under temperature, top-k and top-p."""
+    """One token id per row of `logits` (B, vocab) under temperature, top-k and top-p.
+
+    `generator` is one random stream for all rows, or a list of one per row.
+    """
     if params.temperature == 0:
         return logits.argmax(dim=-1)
     # Shift the best score to 0 before dividing: a tiny temperature then gives -inf, never inf - inf.
@@ -109,7 +117,7 @@ def _sorted_prefix_holding_mass(probs: torch.Tensor, mass: float) -> tuple[torch
         k = min(4 * k, probs.shape[-1])
 
 
-def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _draw(probs: torch.Tensor, generator: torch.Generator | list | None) -> torch.Tensor:
     """Sample a column per row in proportion to the (unnormalised) `probs`, shape (B, 1).
 
     Inverse-CDF sampling: one uniform number per row, located in the running sum of the
@@ -119,7 +127,10 @@ def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tenso
     """
     cdf = probs.cumsum(dim=-1)
     total = cdf[:, -1:]
-    u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=probs.dtype) * total
+    if isinstance(generator, list):  # one stream per row
+        u = torch.cat([torch.rand(1, 1, generator=g, device=probs.device) for g in generator]) * total
+    else:
+        u = torch.rand(total.shape, generator=generator, device=probs.device) * total
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, u, right=True)
 
@@ -231,15 +242,17 @@ class Generator:
         rows = [_RowText(params.stop) for _ in prompts]
         token_ids: list[list[int]] = [[] for _ in prompts]
         finish: list[str | None] = [None] * len(prompts)
-        rng = torch.Generator(device=self.device)
-        rng.manual_seed(params.seed) if params.seed is not None else rng.seed()
+        seed = params.seed if params.seed is not None else torch.Generator().seed()
+        rngs = [
+            torch.Generator(device=self.device).manual_seed((seed + i) % 2**64) for i in range(len(prompts))
+        ]
         dtype = next(self.model.parameters()).dtype
         cache = KVCache(self.model.config, len(prompts), self.device, dtype)
         logits, filled = self._prefill(cache, histories)
         decode_step = None  # built at the first step: a CUDA graph on a GPU
         for step in range(params.max_new_tokens):
             with torch.inference_mode():
-                next_tokens = sample_next_token(logits, params, rng)
+                next_tokens = sample_next_token(logits, params, rngs)
             last = step == params.max_new_tokens - 1
             deltas = []
             for i, token in enumerate(next_tokens.tolist()):
