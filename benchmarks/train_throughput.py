@@ -1,0 +1,108 @@
+"""Training throughput and MFU of one configuration, through the real training step (`Trainer.update`).
+
+    .venv/bin/python benchmarks/train_throughput.py                      (seed config; ~2 min on 2 cores)
+    .venv/bin/python benchmarks/train_throughput.py --micro-batch 32 --no-compile --plain-loss --json
+
+Builds the `Trainer` that `smallgpt train` builds (model, AdamW, data stream from a prepared data dir,
+default: the bundled corpus), runs a few warm-up updates (compilation happens there), then times
+`--updates` updates and synchronises once at the end, as training does between log steps.
+
+MFU = GPT.flops_per_token() (forward + backward, head and attention included) x tokens/s / the peak of
+a large square matmul in the training dtype, timed in this same process on this same device. Every
+variant keeps the seed's update (`--batch` sequences x 256 tokens = 8,192 tokens); `--micro-batch`
+only changes how it is split into accumulation steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from smallgpt.distributed import Runtime, pick_device
+from smallgpt.monitor import measure_matmul_peak, synchronize
+from smallgpt.recipe import resolve_config
+from smallgpt.train import Trainer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="smallgpt-10m")
+    parser.add_argument("--data", help="prepared data dir (default: the bundled corpus)")
+    parser.add_argument("--batch", type=int, default=32, help="sequences per update (x 256 tokens)")
+    parser.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward")
+    parser.add_argument("--no-compile", action="store_true", help="eager mode (compile applies on CUDA only)")
+    parser.add_argument("--plain-loss", action="store_true", help="full logits + F.cross_entropy")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed updates (default 1 CPU, 15 GPU)")
+    parser.add_argument("--updates", type=int, default=None, help="timed updates (default 2 CPU, 50 GPU)")
+    parser.add_argument("--json", action="store_true", help="print one JSON line")
+    args = parser.parse_args()
+
+    device = pick_device(args.device)
+    on_gpu = device.type == "cuda"
+    warmup = args.warmup if args.warmup is not None else (15 if on_gpu else 1)
+    updates = args.updates if args.updates is not None else (50 if on_gpu else 2)
+    overrides = {
+        "batch_size": args.batch,
+        "micro_batch_size": args.micro_batch,
+        "compile": not args.no_compile,
+        "fused_loss": not args.plain_loss,
+        "dtype": args.dtype,
+        "device": str(device),
+        "max_iters": warmup + updates,
+        "warmup_iters": 1,
+    }
+    run = resolve_config(args.preset, overrides=overrides)
+    if args.data is None:
+        from smallgpt.prepare import default_data_dir
+
+        args.data = default_data_dir()
+    with tempfile.TemporaryDirectory() as out:
+        runtime = Runtime(0, 0, 1, device)
+        trainer = Trainer(run, Path(args.data), Path(out), runtime, Console(quiet=True))
+        peak = measure_matmul_peak(device, trainer.dtype)
+        for _ in range(warmup):
+            trainer.update()
+        synchronize(device)
+        started = time.perf_counter()
+        for _ in range(updates):
+            loss = trainer.update()
+        loss_value = loss.item()  # the one sync, after the last update
+        seconds = (time.perf_counter() - started) / updates
+    tokens_per_s = trainer.tokens_per_update / seconds
+    mfu = trainer.model.flops_per_token() * tokens_per_s / peak
+    result = {
+        "device": torch.cuda.get_device_name(device) if on_gpu else f"cpu, {torch.get_num_threads()} threads",
+        "dtype": str(trainer.dtype).removeprefix("torch."),
+        "micro_batch": args.micro_batch,
+        "accumulation": trainer.accumulation,
+        "tokens_per_update": trainer.tokens_per_update,
+        "compile": run.train.compile and on_gpu,
+        "loss": "plain" if args.plain_loss else "fused",
+        "ms_per_update": seconds * 1e3,
+        "tokens_per_s": tokens_per_s,
+        "matmul_peak_tflops": peak / 1e12,
+        "mfu": mfu,
+        "last_loss": loss_value,
+    }
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(
+        f"{args.preset} on {result['device']}, {result['dtype']}: micro-batch {args.micro_batch} x "
+        f"{trainer.accumulation} accumulation = {trainer.tokens_per_update:,} tokens/update, "
+        f"compile {'on' if result['compile'] else 'off'}, {result['loss']} loss"
+    )
+    print(f"  {seconds * 1e3:,.1f} ms/update   {tokens_per_s:,.0f} tokens/s")
+    print(f"  MFU {mfu:.1%} of a measured {peak / 1e12:.3f} TFLOP/s matmul peak")
+
+
+if __name__ == "__main__":
+    main()
