@@ -77,8 +77,8 @@ class TrainConfig:
 TRAIN_PRESETS = {
     # ~3 minutes on a 2-core CPU: loss from 10.8 to ~6, text with English words and punctuation.
     "tiny": TrainConfig(
-        max_iters=300, batch_size=16, micro_batch_size=16, learning_rate=2e-3, min_lr=2e-4,
-        warmup_iters=20, eval_interval=100, eval_iters=4, log_interval=10,
+        max_iters=200, batch_size=8, micro_batch_size=8, learning_rate=3e-3, min_lr=3e-4,
+        warmup_iters=10, eval_interval=50, eval_iters=4, log_interval=10,
     ),
 }  # fmt: skip
 

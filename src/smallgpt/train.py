@@ -67,7 +67,9 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    fused = True if device.type == "cuda" else None  # one kernel for all parameters on GPUs
+    # One fused kernel over all parameters: on GPUs, and on CPUs (3x faster than the loop-per-tensor
+    # version for smallgpt-10m here); MPS keeps the default.
+    fused = True if device.type in ("cuda", "cpu") else None
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
