@@ -43,6 +43,7 @@ from smallgpt.checkpoint import (
     save_weights,
     step_checkpoints,
 )
+from smallgpt.config import GPT2_VOCAB_SIZE
 from smallgpt.distributed import DeviceBatches, Runtime, StopSignal, autocast, pick_dtype
 from smallgpt.errors import SmallGPTError
 from smallgpt.evaluate import estimate_loss, full_pass_loss, perplexity
@@ -308,7 +309,8 @@ def train(
             run, Path(data_dir), Path(out_dir), runtime, console, resume=resume, init_from=init_from
         )
         result = trainer.fit()
-        if runtime.is_main and not result.interrupted and run.train.sample_tokens:
+        speaks_gpt2 = run.model.vocab_size == GPT2_VOCAB_SIZE  # the sample is decoded with GPT-2's BPE
+        if runtime.is_main and not result.interrupted and run.train.sample_tokens and speaks_gpt2:
             _print_sample(trainer.model, run.train, console)
         return result
     finally:
