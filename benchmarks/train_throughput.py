@@ -5,7 +5,10 @@
 
 Builds the `Trainer` that `smallgpt train` builds (model, AdamW, data stream from a prepared data dir,
 default: the bundled corpus), runs a few warm-up updates (compilation happens there), then times
-`--updates` updates and synchronises once at the end, as training does between log steps.
+`--updates` updates and synchronises once at the end, as training does between log steps. On a CPU it
+also reports the process's CPU time per update: on a machine shared with other jobs, wall time
+overstates the cost several-fold, and tokens per CPU-second x threads is what quiet cores would give
+(a lower bound: threads waiting on each other still burn CPU time).
 
 MFU = GPT.flops_per_token() (forward + backward, head and attention included) x tokens/s / the peak of
 a large square matmul in the training dtype, timed in this same process on this same device. Every
@@ -71,11 +74,12 @@ def main() -> None:
         for _ in range(warmup):
             trainer.update()
         synchronize(device)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         for _ in range(updates):
             loss = trainer.update()
         loss_value = loss.item()  # the one sync, after the last update
         seconds = (time.perf_counter() - started) / updates
+        cpu_seconds = (time.process_time() - cpu_started) / updates
     tokens_per_s = trainer.tokens_per_update / seconds
     mfu = trainer.model.flops_per_token() * tokens_per_s / peak
     result = {
@@ -92,6 +96,9 @@ def main() -> None:
         "mfu": mfu,
         "last_loss": loss_value,
     }
+    if not on_gpu:  # on a shared machine, CPU time says what a quiet one would do (a lower bound)
+        result["cpu_s_per_update"] = cpu_seconds
+        result["quiet_tokens_per_s"] = trainer.tokens_per_update / cpu_seconds * torch.get_num_threads()
     if args.json:
         print(json.dumps(result))
         return
@@ -102,6 +109,11 @@ def main() -> None:
     )
     print(f"  {seconds * 1e3:,.1f} ms/update   {tokens_per_s:,.0f} tokens/s")
     print(f"  MFU {mfu:.1%} of a measured {peak / 1e12:.3f} TFLOP/s matmul peak")
+    if not on_gpu:
+        print(
+            f"  CPU time {cpu_seconds:,.1f} s/update over {torch.get_num_threads()} threads: >= "
+            f"{result['quiet_tokens_per_s']:,.0f} tokens/s on as many quiet cores"
+        )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -77,15 +78,15 @@ class RunMonitor:
         max_steps: int,
         tokens_per_step: int,
         flops_per_token: int,
-        peak_flops: float,
+        measure_peak: Callable[[], float],
         enabled: bool,
     ) -> None:
         self.run_dir, self.console, self.enabled = run_dir, console, enabled
-        self.tokens_per_step, self.flops_per_token, self.peak_flops = (
-            tokens_per_step,
-            flops_per_token,
-            peak_flops,
-        )
+        self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+        # Re-measured at every evaluation, keeping the best: a peak timed while other jobs held the
+        # cores would understate the device and overstate MFU.
+        self.measure_peak = measure_peak
+        self.peak_flops = measure_peak() if enabled else 1.0
         self.last_step, self.last_time = start_step, time.perf_counter()
         self.metrics = open(run_dir / METRICS_NAME, "a") if enabled else None  # noqa: SIM115
         self.tensorboard = _tensorboard_writer(run_dir) if enabled else None
@@ -134,6 +135,7 @@ class RunMonitor:
             {"kind": kind, "step": step, "tokens": step * self.tokens_per_step, "val_loss": val_loss,
              "val_perplexity": perplexity(val_loss)}
         )  # fmt: skip
+        self.peak_flops = max(self.peak_flops, self.measure_peak())
         what = "full validation pass" if final else "validation estimate"
         self.console.print(
             f"step {step}: {what}: loss {val_loss:.4f}, perplexity {perplexity(val_loss):.1f}",

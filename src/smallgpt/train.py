@@ -193,11 +193,10 @@ class Trainer:
         """Update until max_iters (or a stop signal), evaluating and checkpointing on the way."""
         cfg, rt = self.cfg, self.rt
         self._print_header()
-        peak = measure_matmul_peak(rt.device, self.dtype) if rt.is_main else 1.0
         self.monitor = RunMonitor(
             self.out_dir, self.console, start_step=self.step, max_steps=cfg.max_iters,
             tokens_per_step=self.tokens_per_update, flops_per_token=self.model.flops_per_token(),
-            peak_flops=peak, enabled=rt.is_main,
+            measure_peak=lambda: measure_matmul_peak(rt.device, self.dtype), enabled=rt.is_main,
         )  # fmt: skip
         stop = StopSignal()
         try:
