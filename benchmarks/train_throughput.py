@@ -7,8 +7,8 @@ Builds the `Trainer` that `smallgpt train` builds (model, AdamW, data stream fro
 default: the bundled corpus), runs a few warm-up updates (compilation happens there), then times
 `--updates` updates and synchronises once at the end, as training does between log steps. On a CPU it
 also reports the process's CPU time per update: on a machine shared with other jobs, wall time
-overstates the cost several-fold, and tokens per CPU-second x threads is what quiet cores would give
-(a lower bound: threads waiting on each other still burn CPU time).
+overstates the cost several-fold, and tokens per CPU-second x threads estimates what quiet cores would
+give (optimistic where a thread sleeps in serial sections, pessimistic where contended threads spin).
 
 MFU = GPT.flops_per_token() (forward + backward, head and attention included) x tokens/s / the peak of
 a large square matmul in the training dtype, timed in this same process on this same device. Every
@@ -96,7 +96,7 @@ def main() -> None:
         "mfu": mfu,
         "last_loss": loss_value,
     }
-    if not on_gpu:  # on a shared machine, CPU time says what a quiet one would do (a lower bound)
+    if not on_gpu:  # on a shared machine, CPU time estimates what a quiet one would do
         result["cpu_s_per_update"] = cpu_seconds
         result["quiet_tokens_per_s"] = trainer.tokens_per_update / cpu_seconds * torch.get_num_threads()
     if args.json:
@@ -111,7 +111,7 @@ def main() -> None:
     print(f"  MFU {mfu:.1%} of a measured {peak / 1e12:.3f} TFLOP/s matmul peak")
     if not on_gpu:
         print(
-            f"  CPU time {cpu_seconds:,.1f} s/update over {torch.get_num_threads()} threads: >= "
+            f"  CPU time {cpu_seconds:,.1f} s/update over {torch.get_num_threads()} threads: ~"
             f"{result['quiet_tokens_per_s']:,.0f} tokens/s on as many quiet cores"
         )
 
