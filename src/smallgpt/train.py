@@ -311,6 +311,12 @@ def train(
         speaks_gpt2 = run.model.vocab_size == GPT2_VOCAB_SIZE  # the sample is decoded with GPT-2's BPE
         if runtime.is_main and not result.interrupted and run.train.sample_tokens and speaks_gpt2:
             _print_sample(trainer.model, run.train, console)
+        if not result.interrupted:
+            console.print(
+                f"\nrun saved in {out_dir} (best weights in best/, loss curve in loss.png); next: "
+                f"smallgpt sample {out_dir} --prompt 'Once upon a time'",
+                highlight=False,
+            )
         return result
     finally:
         distributed.stop(runtime)
