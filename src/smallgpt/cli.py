@@ -67,43 +67,6 @@ def tokenize(
 
 
 @app.command()
-def model(
-    preset: Annotated[
-        str, typer.Option(help="Model preset: tiny, smallgpt-10m, smallgpt-26m, gpt2-124m.")
-    ] = "smallgpt-10m",
-    overrides: Annotated[
-        Optional[list[str]], typer.Argument(help="Config overrides such as n_layer=8 dropout=0.")
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
-) -> None:
-    """Print a model preset's layers and parameter counts (total and non-embedding)."""
-    from smallgpt.config import get_preset, parse_overrides, with_overrides
-    from smallgpt.model import GPT
-
-    config = with_overrides(get_preset(preset), parse_overrides(overrides or []))
-    gpt = GPT(config)
-    rows = [(name, list(p.shape), p.numel()) for name, p in gpt.named_parameters()]
-    summary = {
-        "preset": preset,
-        "config": config.to_dict(),
-        "parameters": gpt.num_params(non_embedding=False),
-        "non_embedding_parameters": gpt.num_params(non_embedding=True),
-        "flops_per_token": gpt.flops_per_token(),
-        "layers": [{"name": n, "shape": s, "count": c} for n, s, c in rows],
-    }
-    if as_json:
-        print(json.dumps(summary, indent=2))
-        return
-    table = Table("parameter", "shape", "count", title=f"{preset}: {config}")
-    for name, shape, count in rows:
-        table.add_row(name, "x".join(map(str, shape)), f"{count:,}")
-    console.print(table)
-    console.print(f"total parameters:         {summary['parameters']:,}  (head tied to wte)")
-    console.print(f"non-embedding parameters: {summary['non_embedding_parameters']:,}")
-    console.print(f"training FLOPs per token: {summary['flops_per_token']:,}")
-
-
-@app.command()
 def prepare(
     source: Annotated[
         str,
@@ -156,46 +119,111 @@ def prepare(
 
 
 @app.command()
-def export(
-    checkpoint: Annotated[str, typer.Argument(help="Run dir, checkpoint dir or .safetensors file.")],
-    out: Annotated[str, typer.Option("--out", help="Hugging Face model directory to write.")],
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it holds an export.")] = False,
+def model(
+    preset: Annotated[
+        str, typer.Option(help="Model preset: tiny, smallgpt-10m, smallgpt-26m, gpt2-124m.")
+    ] = "smallgpt-10m",
+    overrides: Annotated[
+        Optional[list[str]], typer.Argument(help="Config overrides such as n_layer=8 dropout=0.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
-    """Write a checkpoint as a Hugging Face GPT-2 model directory (weights, config, tokenizer)."""
-    from smallgpt.interop import export_to_hf
+    """Print a model preset's layers and parameter counts (total and non-embedding)."""
+    from smallgpt.config import get_preset, parse_overrides, with_overrides
+    from smallgpt.model import GPT
 
-    export_to_hf(checkpoint, out, force=force)
-    console.print(f"exported {checkpoint} -> {out}", highlight=False, soft_wrap=True)
-    load = f'AutoModelForCausalLM.from_pretrained("{out}")'
-    console.print(f"load it with transformers: {load}", highlight=False, soft_wrap=True)
+    config = with_overrides(get_preset(preset), parse_overrides(overrides or []))
+    gpt = GPT(config)
+    rows = [(name, list(p.shape), p.numel()) for name, p in gpt.named_parameters()]
+    summary = {
+        "preset": preset,
+        "config": config.to_dict(),
+        "parameters": gpt.num_params(non_embedding=False),
+        "non_embedding_parameters": gpt.num_params(non_embedding=True),
+        "flops_per_token": gpt.flops_per_token(),
+        "layers": [{"name": n, "shape": s, "count": c} for n, s, c in rows],
+    }
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    table = Table("parameter", "shape", "count", title=f"{preset}: {config}")
+    for name, shape, count in rows:
+        table.add_row(name, "x".join(map(str, shape)), f"{count:,}")
+    console.print(table)
+    console.print(f"total parameters:         {summary['parameters']:,}  (head tied to wte)")
+    console.print(f"non-embedding parameters: {summary['non_embedding_parameters']:,}")
+    console.print(f"training FLOPs per token: {summary['flops_per_token']:,}")
 
 
-@app.command(name="import")
-def import_(
-    hf_dir: Annotated[str, typer.Argument(help="Local Hugging Face GPT-2 model directory.")],
-    out: Annotated[str, typer.Option("--out", help="Directory to write the SmallGPT checkpoint to.")],
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it holds a checkpoint.")] = False,
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(
+    ctx: typer.Context,
+    config: Annotated[Optional[str], typer.Option("--config", help="TOML file of settings.")] = None,
+    preset: Annotated[
+        Optional[str], typer.Option(help="tiny (default), smallgpt-10m, smallgpt-26m, gpt2-124m.")
+    ] = None,
+    data: Annotated[
+        Optional[str], typer.Option(help="Prepared data dir (default: the bundled corpus).")
+    ] = None,
+    out: Annotated[Optional[str], typer.Option(help="Run directory (default: runs/PRESET).")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue RUN_DIR (or --out) from its last checkpoint.")
+    ] = False,
+    init_from: Annotated[
+        Optional[str], typer.Option(help="Start from a checkpoint's weights (fine-tuning).")
+    ] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto (CUDA, MPS, CPU), cpu, cuda, mps.")] = None,
 ) -> None:
-    """Read a GPT-2 model directory (e.g. your download of gpt2) into a SmallGPT checkpoint."""
-    from smallgpt.interop import import_from_hf
+    """Train a model; any setting can follow as key=value or --key value (e.g. max_iters=2000).
 
-    path = import_from_hf(hf_dir, out, force=force)
-    console.print(f"imported {hf_dir} -> {path}", highlight=False, soft_wrap=True)
-    console.print(f"use it with: smallgpt sample {out}  |  smallgpt train --init-from {out}", soft_wrap=True)
+    With no arguments: the tiny preset on the bundled corpus, ending with a generated sample.
+    Under `torchrun --nproc_per_node=N` the same command trains on N processes (DDP).
+    """
+    from smallgpt.train import train_command
+
+    args = list(ctx.args) + ([f"device={device}"] if device else [])
+    result = train_command(
+        args, preset=preset, config_file=config, data=data, out=out, resume=resume, init_from=init_from,
+        console=console,
+    )  # fmt: skip
+    if result.interrupted:
+        raise typer.Exit(130)
+
+
+@app.command(name="eval")
+def eval_(
+    checkpoint: Annotated[str, typer.Argument(help="Run dir (best, else latest), checkpoint dir or file.")],
+    data: Annotated[
+        str, typer.Option(help="Prepared data dir, or a raw .txt/.jsonl/.jsonl.gz/.parquet file.")
+    ],
+    split: Annotated[str, typer.Option(help="Split of a prepared data dir: val or train.")] = "val",
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
+    text_field: Annotated[str, typer.Option(help="Field holding the text in .jsonl/.parquet.")] = "text",
+    device: Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Loss and perplexity of a checkpoint over every block of DATA, deterministically."""
+    from smallgpt.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(
+        checkpoint, data, split=split, batch_size=batch_size, device=device, text_field=text_field
+    )
+    if as_json:
+        print(json.dumps(result))
+        return
+    console.print(
+        f"{result['checkpoint']} on {result['data']}: {result['tokens']:,} tokens, "
+        f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}",
+        highlight=False,
+    )
 
 
 @app.command()
-def serve(
-    checkpoint: Annotated[str, typer.Argument(help="Run dir, checkpoint dir or .safetensors file.")],
-    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 = all.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    max_tokens_cap: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 2048,
-    device: Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps.")] = "auto",
-) -> None:
-    """Serve a model: OpenAI-compatible API at /v1/completions, playground at /."""
-    from smallgpt.serve import serve as run_server
+def plot(run_dir: Annotated[str, typer.Argument(help="Training run directory.")]) -> None:
+    """Redraw RUN_DIR/loss.png (train and validation loss vs tokens) from RUN_DIR/metrics.jsonl."""
+    from smallgpt.plot import plot_run
 
-    run_server(checkpoint, host=host, port=port, max_tokens_cap=max_tokens_cap, device=device)
+    console.print(f"wrote {plot_run(run_dir)}", highlight=False)
 
 
 @app.command()
@@ -284,75 +312,47 @@ def _print_samples(generator, prompt: str, params, num_samples: int) -> None:
         )
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def train(
-    ctx: typer.Context,
-    config: Annotated[Optional[str], typer.Option("--config", help="TOML file of settings.")] = None,
-    preset: Annotated[
-        Optional[str], typer.Option(help="tiny (default), smallgpt-10m, smallgpt-26m, gpt2-124m.")
-    ] = None,
-    data: Annotated[
-        Optional[str], typer.Option(help="Prepared data dir (default: the bundled corpus).")
-    ] = None,
-    out: Annotated[Optional[str], typer.Option(help="Run directory (default: runs/PRESET).")] = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue RUN_DIR (or --out) from its last checkpoint.")
-    ] = False,
-    init_from: Annotated[
-        Optional[str], typer.Option(help="Start from a checkpoint's weights (fine-tuning).")
-    ] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto (CUDA, MPS, CPU), cpu, cuda, mps.")] = None,
-) -> None:
-    """Train a model; any setting can follow as key=value or --key value (e.g. max_iters=2000).
-
-    With no arguments: the tiny preset on the bundled corpus, ending with a generated sample.
-    Under `torchrun --nproc_per_node=N` the same command trains on N processes (DDP).
-    """
-    from smallgpt.train import train_command
-
-    args = list(ctx.args) + ([f"device={device}"] if device else [])
-    result = train_command(
-        args, preset=preset, config_file=config, data=data, out=out, resume=resume, init_from=init_from,
-        console=console,
-    )  # fmt: skip
-    if result.interrupted:
-        raise typer.Exit(130)
-
-
-@app.command(name="eval")
-def eval_(
-    checkpoint: Annotated[str, typer.Argument(help="Run dir (best, else latest), checkpoint dir or file.")],
-    data: Annotated[
-        str, typer.Option(help="Prepared data dir, or a raw .txt/.jsonl/.jsonl.gz/.parquet file.")
-    ],
-    split: Annotated[str, typer.Option(help="Split of a prepared data dir: val or train.")] = "val",
-    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
-    text_field: Annotated[str, typer.Option(help="Field holding the text in .jsonl/.parquet.")] = "text",
+@app.command()
+def serve(
+    checkpoint: Annotated[str, typer.Argument(help="Run dir, checkpoint dir or .safetensors file.")],
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 = all.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_tokens_cap: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 2048,
     device: Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps.")] = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Loss and perplexity of a checkpoint over every block of DATA, deterministically."""
-    from smallgpt.evaluate import evaluate_checkpoint
+    """Serve a model: OpenAI-compatible API at /v1/completions, playground at /."""
+    from smallgpt.serve import serve as run_server
 
-    result = evaluate_checkpoint(
-        checkpoint, data, split=split, batch_size=batch_size, device=device, text_field=text_field
-    )
-    if as_json:
-        print(json.dumps(result))
-        return
-    console.print(
-        f"{result['checkpoint']} on {result['data']}: {result['tokens']:,} tokens, "
-        f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}",
-        highlight=False,
-    )
+    run_server(checkpoint, host=host, port=port, max_tokens_cap=max_tokens_cap, device=device)
 
 
 @app.command()
-def plot(run_dir: Annotated[str, typer.Argument(help="Training run directory.")]) -> None:
-    """Redraw RUN_DIR/loss.png (train and validation loss vs tokens) from RUN_DIR/metrics.jsonl."""
-    from smallgpt.plot import plot_run
+def export(
+    checkpoint: Annotated[str, typer.Argument(help="Run dir, checkpoint dir or .safetensors file.")],
+    out: Annotated[str, typer.Option("--out", help="Hugging Face model directory to write.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it holds an export.")] = False,
+) -> None:
+    """Write a checkpoint as a Hugging Face GPT-2 model directory (weights, config, tokenizer)."""
+    from smallgpt.interop import export_to_hf
 
-    console.print(f"wrote {plot_run(run_dir)}", highlight=False)
+    export_to_hf(checkpoint, out, force=force)
+    console.print(f"exported {checkpoint} -> {out}", highlight=False, soft_wrap=True)
+    load = f'AutoModelForCausalLM.from_pretrained("{out}")'
+    console.print(f"load it with transformers: {load}", highlight=False, soft_wrap=True)
+
+
+@app.command(name="import")
+def import_(
+    hf_dir: Annotated[str, typer.Argument(help="Local Hugging Face GPT-2 model directory.")],
+    out: Annotated[str, typer.Option("--out", help="Directory to write the SmallGPT checkpoint to.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it holds a checkpoint.")] = False,
+) -> None:
+    """Read a GPT-2 model directory (e.g. your download of gpt2) into a SmallGPT checkpoint."""
+    from smallgpt.interop import import_from_hf
+
+    path = import_from_hf(hf_dir, out, force=force)
+    console.print(f"imported {hf_dir} -> {path}", highlight=False, soft_wrap=True)
+    console.print(f"use it with: smallgpt sample {out}  |  smallgpt train --init-from {out}", soft_wrap=True)
 
 
 def main() -> None:
