@@ -242,9 +242,9 @@ def write_bad_input(kind: str, root) -> tuple[str, dict, str]:
         write_jsonl(root / "a.jsonl", ["x"])
         (root / "b.txt").write_text("y")
         return str(root), {}, "mixes file types"
-    if kind == "empty validation split":
-        write_jsonl(root / "d.jsonl", ["only one document"])
-        return str(root / "d.jsonl"), {"val_fraction": 0.001}, "validation split"
+    if kind == "too little text":
+        write_jsonl(root / "d.jsonl", ["Hi"])  # "Hi" + <|endoftext|>: nothing left after validation
+        return str(root / "d.jsonl"), {}, "holds 2 tokens: too little text"
     if kind == "subset of local files":
         write_jsonl(root / "d.jsonl", ["fine"])
         return str(root / "d.jsonl"), {"subset": "en"}, "--subset applies to Hugging Face datasets only"
@@ -264,7 +264,7 @@ BAD_INPUTS = [
     "no usable files in directory",
     "glob matching nothing",
     "mixed formats",
-    "empty validation split",
+    "too little text",
     "subset of local files",
     "unknown dataset offline",
 ]
@@ -348,7 +348,10 @@ def test_default_corpus_is_prepared_once_into_the_cache(tmp_path, monkeypatch):
     # 413 documents, 2,260,531 GPT-2 tokens plus one EOT each (shared/data/README.md).
     assert meta["total"]["documents"] == 413
     assert meta["total"]["tokens"] == 2_260_531 + 413
-    assert meta["splits"]["val"]["documents"] > 0
+    # One default split: the bundled corpus's own 5%, whoever prepares it (`--data default` names it).
+    assert meta["arguments"]["val_fraction"] == prepare.DEFAULT_CORPUS_VAL_FRACTION == 0.05
+    assert meta["splits"]["val"]["documents"] == 24 and meta["val_carved_tokens"] == 0
+    assert prepare.data_dir_for("default") == prepare.data_dir_for(None) == data_dir
     stamp = (data_dir / "train.bin").stat().st_mtime_ns
     assert default_data_dir() == data_dir
     assert (data_dir / "train.bin").stat().st_mtime_ns == stamp

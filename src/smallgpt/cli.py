@@ -66,8 +66,21 @@ def tokenize(
     console.print(f"{len(ids)} tokens")
 
 
-@app.command()
+def _no_extra_words(ctx: typer.Context, what: str) -> None:
+    """Refuse words the command does not take; several paths are most likely a glob the shell expanded."""
+    if ctx.args:
+        words = " ".join(ctx.args[:3]) + (" ..." if len(ctx.args) > 3 else "")
+        hint = (
+            ": a glob is expanded by the shell unless quoted; write it in quotes, e.g. 'my-texts/*.txt'"
+            if any(not word.startswith("-") and "=" not in word for word in ctx.args)
+            else ""
+        )
+        raise SmallGPTError(f"{what} takes one {what.split()[-1]}; got extra argument(s) {words}{hint}")
+
+
+@app.command(context_settings={"allow_extra_args": True})
 def prepare(
+    ctx: typer.Context,
     source: Annotated[
         str,
         typer.Argument(
@@ -75,8 +88,18 @@ def prepare(
             ".txt/.jsonl/.jsonl.gz/.parquet files: a file, a directory or a glob."
         ),
     ],
-    out: Annotated[str, typer.Option("--out", help="Output directory for train.bin, val.bin, meta.json.")],
-    val_fraction: Annotated[float, typer.Option(help="Share of documents for validation.")] = 0.005,
+    out: Annotated[
+        Optional[str],
+        typer.Option(
+            "--out",
+            help="Output directory for train.bin, val.bin, meta.json (for 'default': the cache, "
+            "which --data default names).",
+        ),
+    ] = None,
+    val_fraction: Annotated[
+        Optional[float],
+        typer.Option(help="Share of documents for validation [default: 0.005; 'default': 0.05]."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the train/val split.")] = 1337,
     max_docs: Annotated[Optional[int], typer.Option(help="Stop after this many documents.")] = None,
     text_field: Annotated[str, typer.Option(help="Field holding the text (JSON / parquet / HF).")] = "text",
@@ -94,10 +117,20 @@ def prepare(
     """Tokenize a corpus into OUT/train.bin, OUT/val.bin (uint16 GPT-2 ids) and OUT/meta.json."""
     import os
 
+    _no_extra_words(ctx, "prepare SOURCE")
     # Preparing never hands data to torch: stop `datasets` importing it (saves seconds and ~200 MB).
     os.environ.setdefault("USE_TORCH", "0")
-    from smallgpt.prepare import prepare_corpus, statistics_table
+    from smallgpt.prepare import default_data_dir, prepare_corpus, statistics_table
 
+    if out is None:
+        if source != "default" or val_fraction is not None or seed != 1337 or max_docs is not None:
+            raise SmallGPTError(
+                "--out DIR is needed (only `prepare default` with its default settings has a home of its own)"
+            )
+        where = default_data_dir(force=force)
+        console.print(statistics_table(json.loads((where / "meta.json").read_text())))
+        console.print(f"the bundled corpus is prepared in {where}: --data default names it", soft_wrap=True)
+        return
     meta = prepare_corpus(
         source,
         out,
@@ -113,26 +146,40 @@ def prepare(
         show_progress=not quiet,
     )
     console.print(statistics_table(meta))
+    if meta["val_carved_tokens"]:
+        console.print(
+            f"validation: {meta['total']['documents']:,} document(s) are too few to split by document, "
+            f"so the last {meta['val_carved_tokens']:,} tokens of the stream are held out instead",
+            highlight=False,
+        )
     if meta["replaced_characters"]:
         console.print(f"{meta['replaced_characters']:,} invalid UTF-8 sequences replaced with U+FFFD")
     console.print(f"wrote {out}/train.bin, {out}/val.bin and {out}/meta.json in {meta['seconds']} s")
 
 
-@app.command()
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    options_metavar="[--preset NAME] [--json] [KEY=VALUE | --KEY VALUE ...]",
+)
 def model(
+    ctx: typer.Context,
     preset: Annotated[
-        str, typer.Option(help="Model preset: tiny, smallgpt-10m, smallgpt-26m, gpt2-124m.")
-    ] = "smallgpt-10m",
-    overrides: Annotated[
-        Optional[list[str]], typer.Argument(help="Config overrides such as n_layer=8 dropout=0.")
+        Optional[str],
+        typer.Option(help="Model preset: tiny, smallgpt-10m, smallgpt-26m, gpt2-124m [default: train's]."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
-    """Print a model preset's layers and parameter counts (total and non-embedding)."""
-    from smallgpt.config import get_preset, parse_overrides, with_overrides
-    from smallgpt.model import GPT
+    """Print a preset's layers, parameter counts and training recipe; settings as in `train`."""
+    import dataclasses
 
-    config = with_overrides(get_preset(preset), parse_overrides(overrides or []))
+    from smallgpt.model import GPT
+    from smallgpt.recipe import resolve_config, split_cli_args
+
+    positional, overrides = split_cli_args(ctx.args)
+    if positional:
+        raise SmallGPTError(f"unexpected argument {positional[0]!r}: settings are written key=value")
+    run = resolve_config(preset, None, overrides)
+    preset, config = run.preset, run.model
     gpt = GPT(config)
     rows = [(name, list(p.shape), p.numel()) for name, p in gpt.named_parameters()]
     summary = {
@@ -141,6 +188,7 @@ def model(
         "parameters": gpt.num_params(non_embedding=False),
         "non_embedding_parameters": gpt.num_params(non_embedding=True),
         "flops_per_token": gpt.flops_per_token(),
+        "train": dataclasses.asdict(run.train),
         "layers": [{"name": n, "shape": s, "count": c} for n, s, c in rows],
     }
     if as_json:
@@ -153,9 +201,15 @@ def model(
     console.print(f"total parameters:         {summary['parameters']:,}  (head tied to wte)")
     console.print(f"non-embedding parameters: {summary['non_embedding_parameters']:,}")
     console.print(f"training FLOPs per token: {summary['flops_per_token']:,}")
+    recipe = " ".join(f"{key}={value}" for key, value in summary["train"].items())
+    console.print(f"training recipe (smallgpt train --preset {preset}): {recipe}", highlight=False)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    options_metavar="[--preset NAME] [--config FILE] [--data DIR|default] [--out RUN_DIR] "
+    "[--resume RUN_DIR] [--init-from CHECKPOINT] [KEY=VALUE | --KEY VALUE ...]",
+)
 def train(
     ctx: typer.Context,
     config: Annotated[Optional[str], typer.Option("--config", help="TOML file of settings.")] = None,
@@ -163,11 +217,12 @@ def train(
         Optional[str], typer.Option(help="tiny (default), smallgpt-10m, smallgpt-26m, gpt2-124m.")
     ] = None,
     data: Annotated[
-        Optional[str], typer.Option(help="Prepared data dir (default: the bundled corpus).")
+        Optional[str],
+        typer.Option(help="Prepared data dir; 'default' (or none given) = the bundled corpus."),
     ] = None,
     out: Annotated[Optional[str], typer.Option(help="Run directory (default: runs/PRESET).")] = None,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue RUN_DIR (or --out) from its last checkpoint.")
+        bool, typer.Option("--resume", help="--resume RUN_DIR: continue a run from its last checkpoint.")
     ] = False,
     init_from: Annotated[
         Optional[str], typer.Option(help="Start from a checkpoint's weights (fine-tuning).")
@@ -194,7 +249,11 @@ def train(
 def eval_(
     checkpoint: Annotated[str, typer.Argument(help="Run dir (best, else latest), checkpoint dir or file.")],
     data: Annotated[
-        str, typer.Option(help="Prepared data dir, or a raw .txt/.jsonl/.jsonl.gz/.parquet file.")
+        str,
+        typer.Option(
+            help="Prepared data dir ('default' = the bundled corpus), or a raw .txt/.jsonl/.jsonl.gz/"
+            ".parquet file."
+        ),
     ],
     split: Annotated[str, typer.Option(help="Split of a prepared data dir: val or train.")] = "val",
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
@@ -204,10 +263,14 @@ def eval_(
 ) -> None:
     """Loss and perplexity of a checkpoint over every block of DATA, deterministically."""
     from smallgpt.evaluate import evaluate_checkpoint
+    from smallgpt.monitor import PassProgress, progress_display
 
-    result = evaluate_checkpoint(
-        checkpoint, data, split=split, batch_size=batch_size, device=device, text_field=text_field
-    )
+    # On stderr, so that --json output stays clean; a log or a pipe gets a periodic line instead.
+    with progress_display(err_console, enabled=err_console.is_terminal) as bar:
+        result = evaluate_checkpoint(
+            checkpoint, data, split=split, batch_size=batch_size, device=device, text_field=text_field,
+            progress=PassProgress(bar, "evaluating"),
+        )  # fmt: skip
     if as_json:
         print(json.dumps(result))
         return
@@ -350,9 +413,24 @@ def import_(
     """Read a GPT-2 model directory (e.g. your download of gpt2) into a SmallGPT checkpoint."""
     from smallgpt.interop import import_from_hf
 
+    _refuse_smallgpt_checkpoint(hf_dir)
     path = import_from_hf(hf_dir, out, force=force)
     console.print(f"imported {hf_dir} -> {path}", highlight=False, soft_wrap=True)
     console.print(f"use it with: smallgpt sample {out}  |  smallgpt train --init-from {out}", soft_wrap=True)
+
+
+def _refuse_smallgpt_checkpoint(path: str) -> None:
+    """`import` reads Hugging Face directories; a SmallGPT run or checkpoint needs no conversion."""
+    from smallgpt.checkpoint import read_model_config, resolve_weights
+
+    try:
+        read_model_config(resolve_weights(path))
+    except SmallGPTError:
+        return  # not a SmallGPT checkpoint (or not a local path): a Hugging Face model, presumably
+    raise SmallGPTError(
+        f"{path} is already a SmallGPT checkpoint; use it directly (smallgpt sample {path}, "
+        f"smallgpt train --init-from {path}), or `smallgpt export` it for Hugging Face"
+    )
 
 
 def main() -> None:

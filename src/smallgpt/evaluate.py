@@ -10,6 +10,7 @@ non-overlapping block of the split exactly once, so it is deterministic: same ch
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -45,16 +46,49 @@ def estimate_loss(
 ) -> float:
     """Mean loss over `batches` fixed random batches, shared out over the ranks."""
     sampler = RandomBatches(
-        tokens, model.config.block_size, batch_size, seed, runtime.rank, runtime.world_size
+        tokens, scoring_block(model, tokens), batch_size, seed, runtime.rank, runtime.world_size
     )
     per_rank = -(-batches // runtime.world_size)
     return _scored(model, (sampler.next_batch() for _ in range(per_rank)), runtime, dtype)
 
 
-def full_pass_loss(model: GPT, tokens: np.ndarray, batch_size: int, runtime: Runtime, dtype) -> float:
-    """Mean loss over every non-overlapping block of `tokens` (ranks take disjoint blocks)."""
-    blocks = sequential_batches(tokens, model.config.block_size, batch_size, runtime.rank, runtime.world_size)
+def full_pass_loss(
+    model: GPT,
+    tokens: np.ndarray,
+    batch_size: int,
+    runtime: Runtime,
+    dtype,
+    *,
+    max_tokens: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> float:
+    """Mean loss over every non-overlapping block of `tokens` (ranks take disjoint blocks).
+
+    `max_tokens` keeps the blocks that fit in the split's first `max_tokens` tokens (at least one), to
+    bound the time of a pass over a big split; `progress(done, total)` hears this rank's token counts.
+    """
+    block = scoring_block(model, tokens)
+    if max_tokens is not None:
+        tokens = tokens[: max(max_tokens // block, 1) * block + 1]
+    blocks = sequential_batches(tokens, block, batch_size, runtime.rank, runtime.world_size)
+    if progress is not None:
+        own_blocks = len(range(runtime.rank, (len(tokens) - 1) // block, runtime.world_size))
+        blocks = _reporting(blocks, progress, own_blocks * block)
     return _scored(model, blocks, runtime, dtype)
+
+
+def _reporting(batches, progress: Callable[[int, int], None], total: int):
+    """The batches unchanged, telling `progress` how many of `total` tokens have been scored."""
+    done = 0
+    for x, y in batches:
+        yield x, y
+        done += y.numel()
+        progress(done, total)
+
+
+def scoring_block(model: GPT, tokens: np.ndarray) -> int:
+    """The model's context, or less for a split shorter than one block: scored as one shorter block."""
+    return max(min(model.config.block_size, len(tokens) - 1), 1)
 
 
 def perplexity(loss: float) -> float:
@@ -83,23 +117,24 @@ def evaluate_checkpoint(
     batch_size: int = 8,
     device: str = "auto",
     text_field: str = "text",
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Full-pass loss and perplexity of a checkpoint on a prepared split (DATA = dir) or a raw file."""
     from smallgpt.checkpoint import load_model, resolve_weights
 
     if batch_size < 1:
         raise SmallGPTError(f"batch size must be at least 1, got {batch_size}")
-    data = Path(data)
+    from smallgpt.prepare import data_dir_for
+
+    data = data_dir_for(data, raw_files=True)
     tokens = load_split(data, split) if data.is_dir() else tokens_of_file(data, text_field)
     runtime = Runtime(0, 0, 1, pick_device(device))
     weights = resolve_weights(checkpoint)
     model = load_model(weights, runtime.device)
-    block_size = model.config.block_size
-    if len(tokens) < block_size + 1:
-        # Short inputs are scored as one shorter block rather than refused.
-        block_size = len(tokens) - 1
-    blocks = sequential_batches(tokens, block_size, batch_size)
-    loss = _scored(model, blocks, runtime, pick_dtype("auto", runtime.device))
+    block_size = scoring_block(model, tokens)
+    loss = full_pass_loss(
+        model, tokens, batch_size, runtime, pick_dtype("auto", runtime.device), progress=progress
+    )
     return {
         "checkpoint": str(weights),
         "data": str(data) + (f" ({split})" if data.is_dir() else ""),

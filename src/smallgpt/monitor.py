@@ -66,6 +66,36 @@ def _tensorboard_writer(run_dir: Path):
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
+def progress_display(console: Console, enabled: bool = True) -> Progress:
+    """A progress bar: what, done/total, bar, status, time left (started by the caller)."""
+    return Progress(
+        TextColumn("{task.description}"),
+        MofNCompleteColumn(),
+        BarColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
+    )
+
+
+class PassProgress:
+    """How far a validation pass has got: a bar on a terminal; in a log or a pipe, a line every `every` s."""
+
+    def __init__(self, progress: Progress, what: str, every: float = 10.0) -> None:
+        self.progress, self.what, self.every = progress, what, every
+        self.task, self.last_line = None, time.perf_counter()
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.task is None:
+            self.task = self.progress.add_task(self.what, total=total, status="tokens")
+        self.progress.update(self.task, completed=done)
+        now, console = time.perf_counter(), self.progress.console
+        if not console.is_terminal and now - self.last_line >= self.every and done < total:
+            self.last_line = now
+            console.print(f"{self.what}: {done:,} / {total:,} tokens", highlight=False)
+
+
 class RunMonitor:
     """Rank 0's window on the run; every method is a no-op on other ranks (enabled=False)."""
 
@@ -90,16 +120,8 @@ class RunMonitor:
         self.last_step, self.last_time = start_step, time.perf_counter()
         self.metrics = open(run_dir / METRICS_NAME, "a") if enabled else None  # noqa: SIM115
         self.tensorboard = _tensorboard_writer(run_dir) if enabled else None
-        self.progress = Progress(
-            TextColumn("step"),
-            MofNCompleteColumn(),
-            BarColumn(),
-            TextColumn("{task.fields[status]}"),
-            TimeRemainingColumn(),
-            console=console,
-            disable=not enabled,
-        )
-        self.task = self.progress.add_task("train", total=max_steps, completed=start_step, status="")
+        self.progress = progress_display(console, enabled)
+        self.task = self.progress.add_task("step", total=max_steps, completed=start_step, status="")
         self.progress.start()
 
     def _record(self, record: dict) -> None:
@@ -142,6 +164,10 @@ class RunMonitor:
             highlight=False,
         )
         plot_run(self.run_dir)
+
+    def pass_progress(self, what: str) -> PassProgress:
+        """Progress of a validation pass, shown under the training bar."""
+        return PassProgress(self.progress, what)
 
     def close(self) -> None:
         self.progress.stop()

@@ -19,6 +19,8 @@ PLOT_NAME = "loss.png"
 def read_metrics(run_dir: Path) -> list[dict]:
     """The records of `RUN_DIR/metrics.jsonl`; a line cut short by a killed run is skipped."""
     path = Path(run_dir) / METRICS_NAME
+    if Path(run_dir).is_file():
+        raise SmallGPTError(f"{run_dir} is a file; give the run directory that holds {METRICS_NAME}")
     if not path.is_file():
         raise SmallGPTError(f"no {METRICS_NAME} in {run_dir} (is it a training run directory?)")
     records = []

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import time
 from collections import deque
@@ -30,7 +31,10 @@ from smallgpt.sources import REPLACEMENTS, document_batches, open_source
 from smallgpt.tokenizer import EOT_ID, get_tokenizer, tokenizer_hash
 
 OUTPUT_FILES = ("train.bin", "val.bin", "meta.json")
-DEFAULT_CORPUS_VAL_FRACTION = 0.05  # the bundled corpus has only 413 documents
+VAL_FRACTION = 0.005  # the seed's share of documents held out, for corpora of thousands of documents
+DEFAULT_CORPUS_VAL_FRACTION = 0.05  # the bundled corpus has only 413 documents: 0.5% would be 1 or 2
+# A corpus too small to split by document is a small one: hold out at least a tenth of its tokens.
+CARVED_VAL_FRACTION = 0.1
 
 
 def cache_dir() -> Path:
@@ -41,19 +45,43 @@ def cache_dir() -> Path:
     return Path(xdg) / "smallgpt"
 
 
-def default_data_dir() -> Path:
-    """The bundled corpus, prepared into the cache on first use and reused afterwards."""
+def default_val_fraction(source: str) -> float:
+    """The validation share `prepare` uses when none is given: the bundled corpus has its own."""
+    return DEFAULT_CORPUS_VAL_FRACTION if source == "default" else VAL_FRACTION
+
+
+def data_dir_for(data: str | Path | None, *, raw_files: bool = False) -> Path:
+    """What a `--data` option names: `default` (or nothing) is the bundled corpus, else a directory.
+
+    With `raw_files` (`smallgpt eval`) a text file is taken as it is; a token file never is: its
+    directory is what was meant.
+    """
+    if data is None or str(data) == "default":
+        return default_data_dir()
+    path = Path(data)
+    if path.is_file() and (path.suffix == ".bin" or not raw_files):
+        hint = (
+            f"give its directory: --data {path.parent}"
+            if path.suffix == ".bin"
+            else f"prepare it first: smallgpt prepare {data} --out data/NAME, then --data data/NAME"
+        )
+        raise SmallGPTError(f"--data {data} is a file; --data takes a prepared data directory ({hint})")
+    return path
+
+
+def default_data_dir(*, force: bool = False) -> Path:
+    """The bundled corpus, prepared into the cache on first use and reused afterwards (`--data default`)."""
     out_dir = cache_dir() / "data" / "default"
     out_dir.mkdir(parents=True, exist_ok=True)
     # Several processes (DDP ranks) may ask at once: the first prepares, the others wait and reuse.
     with open(out_dir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         meta_path = out_dir / "meta.json"
-        if meta_path.is_file():
+        if meta_path.is_file() and not force:
             meta = json.loads(meta_path.read_text())
             if meta.get("source") == "default" and meta["tokenizer"]["hash"] == tokenizer_hash():
                 return out_dir
-        prepare_corpus("default", out_dir, val_fraction=DEFAULT_CORPUS_VAL_FRACTION, force=True)
+        prepare_corpus("default", out_dir, force=True)
     return out_dir
 
 
@@ -96,6 +124,16 @@ class SplitWriter:
             # Non-overlapping (x, y) pairs: x = block_size tokens, y = the same shifted by one.
             "samples": max(self.tokens - 1, 0) // block_size,
         }
+
+    def take_back(self) -> np.ndarray:
+        """Empty the split and return every token written to it so far."""
+        self.file.flush()
+        tokens = np.fromfile(self.tmp_path, dtype=np.uint16)
+        self.file.seek(0)
+        self.file.truncate()
+        self.documents, self.tokens = 0, 0
+        self.token_counts[:] = 0
+        return tokens
 
     def finish(self) -> None:
         self.file.close()
@@ -187,7 +225,7 @@ def prepare_corpus(
     source: str,
     out_dir: str | Path,
     *,
-    val_fraction: float = 0.005,
+    val_fraction: float | None = None,
     seed: int = 1337,
     max_docs: int | None = None,
     text_field: str = "text",
@@ -200,6 +238,7 @@ def prepare_corpus(
 ) -> dict:
     """Tokenize `source` into `out_dir/{train,val}.bin` + `meta.json`; returns the meta dict."""
     out_dir = Path(out_dir)
+    val_fraction = default_val_fraction(source) if val_fraction is None else val_fraction
     _check_arguments(out_dir, val_fraction, block_size, max_docs, force)
     dataset, text_field = open_source(source, text_field, split, doc_separator, subset)
     created = not out_dir.exists()
@@ -212,7 +251,7 @@ def prepare_corpus(
         with bar.progress:
             batches = document_batches(dataset, text_field, doc_separator, source)
             documents, skipped = tokenize_into(batches, writers, val_fraction, seed, max_docs, bar)
-        _check_splits(writers, source, val_fraction)
+        carved = _check_splits(writers, source, val_fraction)
     except BaseException:
         for writer in writers.values():
             writer.discard()
@@ -236,6 +275,7 @@ def prepare_corpus(
         },
         "replaced_characters": REPLACEMENTS.count - replaced_before,
         "empty_documents_skipped": skipped,
+        "val_carved_tokens": carved,  # > 0: validation is the stream's tail, not whole documents
         "seconds": round(time.perf_counter() - bar.started, 2),
         "splits": {name: writer.statistics(block_size) for name, writer in writers.items()},
         "total": {
@@ -248,17 +288,30 @@ def prepare_corpus(
     return meta
 
 
-def _check_splits(writers: dict[str, SplitWriter], source: str, val_fraction: float) -> None:
-    documents = writers["train"].documents + writers["val"].documents
+def _check_splits(writers: dict[str, SplitWriter], source: str, val_fraction: float) -> int:
+    """Refuse an empty corpus; carve validation from the stream when documents were too few to split.
+
+    Returns the number of tokens carved (0 when the split is by document).
+    """
+    train, val = writers["train"], writers["val"]
+    documents = train.documents + val.documents
     if documents == 0:
         raise SmallGPTError(f"{source} holds no documents (all empty or whitespace)")
-    if val_fraction > 0 and writers["val"].documents == 0:
+    if val_fraction == 0 or (val.documents and train.documents):
+        return 0
+    # Too few documents for the coin flips to fill both splits: hold out the tail of the token
+    # stream instead (at least 2 tokens: one prediction), the rest of it stays for training.
+    tokens = np.concatenate([train.take_back(), val.take_back()])
+    carved = math.ceil(len(tokens) * max(val_fraction, CARVED_VAL_FRACTION))
+    carved = max(carved, 2)
+    if len(tokens) - carved < 2:
         raise SmallGPTError(
-            f"none of the {documents} documents fell into the validation split at --val-fraction "
-            f"{val_fraction}: raise it, add documents, or use --val-fraction 0"
+            f"{source} holds {len(tokens)} tokens: too little text to train on and validate "
+            "(add text, or use --val-fraction 0 to train on all of it without validation)"
         )
-    if writers["train"].documents == 0:
-        raise SmallGPTError(f"all {documents} documents fell into the validation split: lower --val-fraction")
+    train.append(tokens[:-carved], documents)
+    val.append(tokens[-carved:], 0)
+    return carved
 
 
 def _publish(out_dir: Path, writers: dict[str, SplitWriter], meta: dict) -> None:

@@ -50,6 +50,8 @@ class TrainConfig:
     compile: bool = True  # torch.compile the model (CUDA only)
     fused_loss: bool = True  # chunked linear + cross-entropy (smallgpt.loss) instead of full logits
     sample_tokens: int = 200  # tokens of generated text printed at the end; 0 = none
+    # Tokens the final validation pass scores (from the start of the split); None = all, 0 = skip it.
+    final_eval_tokens: int | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -67,11 +69,15 @@ class TrainConfig:
              "eval_interval, eval_iters, log_interval and keep_last must be at least 1"),
             (self.dtype in ("auto", *DTYPES), f"dtype must be auto or one of {', '.join(DTYPES)}"),
             (self.sample_tokens >= 0, "sample_tokens must be >= 0"),
+            (self.final_eval_tokens is None or self.final_eval_tokens >= 0,
+             "final_eval_tokens must be >= 0 (0 = skip the final pass) or none (the whole split)"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:
                 raise SmallGPTError(f"bad training config: {message}")
 
+
+DEFAULT_PRESET = "tiny"  # what `smallgpt train` trains and `smallgpt model` shows with no --preset
 
 # Presets that have their own recipe; every other model preset trains with the seed's defaults.
 TRAIN_PRESETS = {
@@ -108,7 +114,7 @@ def resolve_config(
     base: RunConfig | None = None,
     model: ModelConfig | None = None,
 ) -> RunConfig:
-    """Preset (default `tiny`) or `base`, then the TOML file's values, then the overrides.
+    """Preset (default `DEFAULT_PRESET`) or `base`, then the TOML file's values, then the overrides.
 
     Keys go to the model or the training config by name (the two share none). A TOML file may hold
     `preset = "..."` and the keys at top level or under `[model]` / `[train]` tables. `model` replaces
@@ -126,7 +132,7 @@ def resolve_config(
             values.update(values.pop(table, {}))
     values.update(overrides or {})
     if base is None:
-        name = preset or ("finetune" if model is not None else "tiny")
+        name = preset or ("finetune" if model is not None else DEFAULT_PRESET)
         base = RunConfig(model or get_preset(name), TRAIN_PRESETS.get(name, TrainConfig()), name)
     elif preset is not None:
         raise SmallGPTError("a resumed run keeps its preset: drop --preset")

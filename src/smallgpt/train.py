@@ -98,7 +98,7 @@ class Trainer:
         self.dtype = pick_dtype(cfg.dtype, device)
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        self.train_tokens, self.val_tokens = load_split(data_dir, "train"), load_split(data_dir, "val")
+        self.train_tokens, self.val_tokens = training_data(data_dir, run.model.block_size)
         torch.manual_seed(cfg.seed)
         self.model = GPT(run.model).to(device)
         checkpoint_bytes = 16 * sum(p.numel() for p in self.model.parameters())  # weights + 2 moments
@@ -217,12 +217,24 @@ class Trainer:
                         f"stopped at step {self.step}; checkpoint saved, continue with --resume"
                     )
                     return TrainResult(self.step, None, interrupted=True)
-            final = full_pass_loss(self.model, self.val_tokens, cfg.micro_batch_size, rt, self.dtype)
-            self.monitor.log_eval(self.step, final, final=True)
+            final = self._final_pass()
             return TrainResult(self.step, final, interrupted=False)
         finally:
             stop.restore()
             self.monitor.close()
+
+    def _final_pass(self) -> float | None:
+        """Score every block of the validation split once (its first `final_eval_tokens`; 0 = skip)."""
+        cap = self.cfg.final_eval_tokens
+        if cap == 0:
+            return None
+        what = "final validation pass" + ("" if cap is None else f" (first {cap:,} tokens)")
+        final = full_pass_loss(
+            self.model, self.val_tokens, self.cfg.micro_batch_size, self.rt, self.dtype,
+            max_tokens=cap, progress=self.monitor.pass_progress(what),
+        )  # fmt: skip
+        self.monitor.log_eval(self.step, final, final=True)
+        return final
 
     def _print_header(self) -> None:
         cfg, m = self.cfg, self.run.model
@@ -239,6 +251,12 @@ class Trainer:
             f"device: {self.rt.device}, {str(self.dtype).removeprefix('torch.')}; run dir: {self.out_dir}",
             highlight=False,
         )
+        if cfg.warmup_iters > cfg.max_iters:
+            self.console.print(
+                f"warning: warmup_iters={cfg.warmup_iters} > max_iters={cfg.max_iters}: the learning rate "
+                f"never reaches learning_rate={cfg.learning_rate:g} (lower warmup_iters)",
+                highlight=False,
+            )
 
     def _check_finite(self, value: float, what: str) -> None:
         if not math.isfinite(value):
@@ -285,6 +303,30 @@ class Trainer:
             self.out_dir / "checkpoints" / f"step-{self.step:07d}", self.model, trainer_state, state
         )
         prune_checkpoints(self.out_dir, self.cfg.keep_last)
+
+
+def training_data(data_dir: Path, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The train and val splits, refused in one line when too small to train on.
+
+    Training draws windows of block_size + 1 tokens from the train split, so that is the smallest
+    trainable corpus; a validation split shorter than one window is scored in shorter windows.
+    """
+    val_file = data_dir / "val.bin"
+    if val_file.is_file() and val_file.stat().st_size == 0:
+        raise SmallGPTError(
+            f"{data_dir} has no validation split (prepared with --val-fraction 0): prepare it again "
+            "without that option (a corpus of few documents gets the end of its text held out)"
+        )
+    train_tokens, val_tokens = load_split(data_dir, "train"), load_split(data_dir, "val")
+    if len(train_tokens) < block_size + 1:
+        shorter = (
+            f"block_size={len(train_tokens) - 1} or less" if len(train_tokens) > 1 else "no shorter context"
+        )
+        raise SmallGPTError(
+            f"{data_dir} has {len(train_tokens):,} training tokens, fewer than one training window of "
+            f"block_size + 1 = {block_size + 1}: add text, or train a shorter context ({shorter})"
+        )
+    return train_tokens, val_tokens
 
 
 def json_dump(values: dict) -> str:
@@ -344,9 +386,15 @@ def train_command(
 ) -> TrainResult:
     """`smallgpt train`: settings from preset/file/`args`, data (default: the bundled corpus), run dir."""
     positional, overrides = split_cli_args(args)
-    if positional and (not resume or out is not None or len(positional) > 1):
-        raise SmallGPTError(f"unexpected argument {positional[0]!r}: settings are written key=value")
-    out = positional[0] if positional else out
+    if resume and len(positional) == 1:  # --resume RUN_DIR
+        if out is not None and Path(out) != Path(positional[0]):
+            raise SmallGPTError(f"--resume {positional[0]} continues that run in place: drop --out {out}")
+        out, positional = positional[0], []
+    if positional:
+        hint = " (an unquoted glob? quote it)" if len(positional) > 1 else ""
+        raise SmallGPTError(
+            f"unexpected argument(s) {' '.join(positional)}{hint}: settings are written key=value"
+        )
     if resume and init_from is not None:
         raise SmallGPTError("--resume continues a run; --init-from starts a new one: use one of them")
     if resume:
@@ -358,9 +406,8 @@ def train_command(
         run = resolve_config(preset, config_file, overrides, model=checkpoint_model)
     else:
         run = resolve_config(preset, config_file, overrides)
-    if data is None:
-        from smallgpt.prepare import default_data_dir
+    from smallgpt.prepare import data_dir_for
 
-        data = default_data_dir()
+    data = data_dir_for(data)
     out_dir = out if out is not None else Path("runs") / run.preset
     return train(run, data, out_dir, resume=resume, init_from=init_from, console=console)
