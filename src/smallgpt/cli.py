@@ -421,8 +421,12 @@ def import_(
 
 def _refuse_smallgpt_checkpoint(path: str) -> None:
     """`import` reads Hugging Face directories; a SmallGPT run or checkpoint needs no conversion."""
+    from pathlib import Path
+
     from smallgpt.checkpoint import read_model_config, resolve_weights
 
+    if not Path(path).is_dir():
+        return  # a Hub model id, or a file (refused by the import itself)
     try:
         read_model_config(resolve_weights(path))
     except SmallGPTError:
