@@ -1,5 +1,5 @@
-"""Generation against independent references: full recomputation without a cache, each prompt run
-alone, float64 top-k / top-p sets, argmax, and the `smallgpt sample` command as users run it."""
+"""Sampling and generation against independent references: full recomputation without a cache, each
+prompt run alone, float64 top-k / top-p sets, argmax, and the `smallgpt sample` command as users run it."""
 
 import dataclasses
 import os
@@ -11,8 +11,9 @@ import torch
 
 from smallgpt.checkpoint import save_weights
 from smallgpt.config import ModelConfig
+from smallgpt.engine import Completion, Engine, Request
 from smallgpt.errors import SmallGPTError
-from smallgpt.generate import Generator, SamplingParams, _RowText, quantize_int8, sample_next_token
+from smallgpt.generate import RowText, SamplingParams, quantize_int8, sample_next_token
 from smallgpt.model import GPT
 from smallgpt.tokenizer import EOT_ID, decode, encode
 
@@ -68,7 +69,7 @@ def reference_generate(model: GPT, prompt: str, params: SamplingParams) -> list[
 )
 def test_cached_generation_equals_full_recomputation_across_the_context_limit(prompt, params):
     model = small_model()
-    [completion] = Generator(model).generate([prompt], params)
+    [completion] = Engine(model).generate([prompt], params)
     assert len(completion.token_ids) == 200 and completion.finish_reason == "length"
     assert completion.token_ids == reference_generate(model, prompt, params)
     assert completion.text == decode(completion.token_ids)
@@ -77,7 +78,7 @@ def test_cached_generation_equals_full_recomputation_across_the_context_limit(pr
 
 @pytest.mark.parametrize("params", [SamplingParams(60, temperature=0), SamplingParams(60, seed=5)])
 def test_batch_of_different_lengths_equals_each_prompt_alone(params):
-    generator = Generator(small_model())
+    generator = Engine(small_model())
     prompts = ["Hi", LONG_PROMPT, "A much longer opening line, of a dozen tokens or so"]
     batch = generator.generate(prompts, params)  # every row crosses the 32-token context
     for i, (prompt, completion) in enumerate(zip(prompts, batch, strict=True)):
@@ -95,7 +96,7 @@ def test_top_k_samples_only_the_k_most_probable():
 def test_top_k_through_the_generator_against_recomputed_logits():
     model = small_model()
     params = SamplingParams(40, temperature=1.5, top_k=4, seed=3)
-    [completion] = Generator(model).generate(["Once upon a time"], params)
+    [completion] = Engine(model).generate(["Once upon a time"], params)
     ids = encode("Once upon a time")
     with torch.no_grad():
         for token in completion.token_ids:
@@ -136,21 +137,31 @@ def test_top_p_over_the_full_vocabulary_matches_a_float64_reference(scale):
 def test_temperature_towards_zero_is_argmax():
     logits = torch.randn(200, 1000, generator=torch.Generator().manual_seed(2))
     rng = torch.Generator().manual_seed(0)
-    for temperature in (0.0, 1e-4, 1e-40):
+    # 1e-50 and 5e-324 round to 0 in float32: dividing by them gave nan (and a KeyError) before.
+    for temperature in (0.0, 1e-4, 1e-40, 1e-50, 5e-324):
         samples = sample_next_token(logits, SamplingParams(temperature=temperature), rng)
         assert torch.equal(samples, logits.argmax(-1))
 
 
-def test_same_seed_same_text_and_stream_agrees_with_generate():
-    generator = Generator(small_model())
+def streamed(engine: Engine, prompt: str, params: SamplingParams) -> tuple[list[str], Completion]:
+    """The text deltas a sequence hands out step by step, and its completion."""
+    sequence = engine.submit(Request(engine.prompt_ids(prompt), params))
+    deltas = []
+    while not sequence.done:
+        engine.step()
+        deltas.append(sequence.delta)
+    return deltas, sequence.completion()
+
+
+def test_same_seed_same_text_and_deltas_add_up_to_the_text():
+    engine = Engine(small_model())
     params = SamplingParams(30, seed=42)
-    first = generator.generate(["Hello"], params)
-    assert first == generator.generate(["Hello"], params)
-    assert first != generator.generate(["Hello"], SamplingParams(30, seed=43))
-    stream = generator.stream("Hello", params)
-    deltas = list(stream)
-    assert "".join(deltas) == stream.completion.text == first[0].text
-    assert stream.completion == first[0]
+    first = engine.generate(["Hello"], params)
+    assert first == engine.generate(["Hello"], params)
+    assert first != engine.generate(["Hello"], SamplingParams(30, seed=43))
+    deltas, completion = streamed(engine, "Hello", params)
+    assert "".join(deltas) == completion.text == first[0].text
+    assert completion == first[0]
 
 
 def test_padded_vocabulary_ids_are_never_sampled():
@@ -161,7 +172,7 @@ def test_padded_vocabulary_ids_are_never_sampled():
         model.transformer.ln_f.bias.fill_(1.0)
         model.transformer.wte.weight[model.config.vocab_size :] = 10.0
     for params in (SamplingParams(20, seed=0), SamplingParams(20, temperature=0)):
-        [completion] = Generator(model).generate(["x"], params)
+        [completion] = Engine(model).generate(["x"], params)
         assert max(completion.token_ids) < model.config.vocab_size
 
 
@@ -171,24 +182,24 @@ def test_end_of_text_always_stops():
         model.transformer.ln_f.weight.zero_()
         model.transformer.ln_f.bias.fill_(1.0)
         model.transformer.wte.weight[EOT_ID] = 10.0
-    [completion] = Generator(model).generate(["x"], SamplingParams(20, seed=0))
+    [completion] = Engine(model).generate(["x"], SamplingParams(20, seed=0))
     assert completion.token_ids == [EOT_ID]
     assert completion.text == "" and completion.finish_reason == "stop"
 
 
 def test_stop_string_ends_the_text_before_it():
-    generator = Generator(small_model())
+    generator = Engine(small_model())
     full = generator.generate(["Hello"], SamplingParams(40, temperature=0))[0].text
     stop = full[12:15]
     expected = full[: full.index(stop)]
     stopped = generator.generate(["Hello"], SamplingParams(40, temperature=0, stop=(stop, "never!")))
     assert stopped[0].text == expected and stopped[0].finish_reason == "stop"
-    stream = generator.stream("Hello", SamplingParams(40, temperature=0, stop=(stop,)))
-    assert "".join(stream) == expected
+    deltas, _ = streamed(generator, "Hello", SamplingParams(40, temperature=0, stop=(stop,)))
+    assert "".join(deltas) == expected
 
 
 def test_text_deltas_hold_back_partial_characters_and_stop_string_prefixes():
-    row = _RowText(stop=("world!",))
+    row = RowText(stop=("world!",))
     # "é" arrives as two byte-level tokens; "wor" and "world" might begin the stop string, so they wait.
     assert [row.add(b) for b in (b"caf\xc3", b"\xa9 hello wor", b"ld?", b" world")] == [
         "caf",
@@ -197,25 +208,25 @@ def test_text_deltas_hold_back_partial_characters_and_stop_string_prefixes():
         " ",
     ]
     assert row.add(b"!") == "" and row.stopped and row.text == "café hello world? "
-    last = _RowText(stop=("xyz",))
+    last = RowText(stop=("xyz",))
     assert last.add(b"ab x") == "ab " and last.add(b"y", final=True) == "xy"
 
 
 def test_empty_prompt_starts_from_end_of_text():
     model = small_model()
-    [completion] = Generator(model).generate([""], SamplingParams(10, temperature=0))
+    [completion] = Engine(model).generate([""], SamplingParams(10, temperature=0))
     assert completion.prompt_tokens == 1
     assert completion.token_ids == reference_generate(model, "", SamplingParams(10, temperature=0))
 
 
 def test_training_mode_is_restored_and_dropout_is_off_while_generating():
     model = small_model(dropout=0.5).train()
-    generator = Generator(model)
+    generator = Engine(model)
     params = SamplingParams(10, temperature=0)
     first = generator.generate(["Hello"], params)
     assert model.training
     assert first == generator.generate(["Hello"], params)
-    assert first == Generator(model.eval()).generate(["Hello"], params)
+    assert first == Engine(model.eval()).generate(["Hello"], params)
 
 
 @pytest.mark.parametrize(
@@ -225,7 +236,7 @@ def test_training_mode_is_restored_and_dropout_is_off_while_generating():
         (dict(top_k=0), "top_k must be at least 1"),
         (dict(top_p=0.0), "top_p must be in (0, 1]"),
         (dict(top_p=1.5), "top_p must be in (0, 1]"),
-        (dict(max_new_tokens=0), "max_new_tokens must be at least 1"),
+        (dict(max_new_tokens=-1), "max_new_tokens must be at least 0"),
         (dict(stop=("",)), "stop strings must be non-empty"),
     ],
 )
@@ -244,13 +255,13 @@ def test_int8_weights_keep_the_distribution_and_leave_the_model_alone():
     assert kl.max() < 0.01
     assert (exact.argmax(-1) == approx.argmax(-1)).float().mean() >= 0.9
     assert model.lm_head.weight is model.transformer.wte.weight  # the original is untouched
-    [completion] = Generator(quantized).generate(["Hello"], SamplingParams(40, seed=0))
+    [completion] = Engine(quantized).generate(["Hello"], SamplingParams(40, seed=0))
     assert len(completion.token_ids) == 40
 
 
 def test_model_with_another_vocabulary_is_refused():
     with pytest.raises(SmallGPTError, match="incompatible checkpoint"):
-        Generator(GPT(ModelConfig(vocab_size=1000, block_size=8, n_layer=1, n_head=1, n_embd=8)))
+        Engine(GPT(ModelConfig(vocab_size=1000, block_size=8, n_layer=1, n_head=1, n_embd=8)))
 
 
 # --- the command line ---
@@ -272,11 +283,16 @@ def smallgpt(*args: str, stdin: str | None = None) -> subprocess.CompletedProces
 
 
 def test_sample_streams_the_prompt_and_its_greedy_continuation(checkpoint, tmp_path):
-    expected = Generator(small_model()).generate(["Hello"], SamplingParams(12, temperature=0))[0].text
+    expected = Engine(small_model()).generate(["Hello"], SamplingParams(12, temperature=0))[0].text
     result = smallgpt("sample", str(checkpoint), "--prompt=Hello", "--temperature=0", "--max-new-tokens=12")
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"Hello{expected}\n"
     assert "12 tokens" in result.stderr and "finish: length" in result.stderr
+    # A temperature that underflows float32 is greedy (it was a KeyError from nan probabilities).
+    tiny_temperature = smallgpt(
+        "sample", str(checkpoint), "--prompt=Hello", "--temperature=1e-50", "--max-new-tokens=12"
+    )
+    assert tiny_temperature.returncode == 0 and tiny_temperature.stdout == result.stdout
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text("Hello", encoding="utf-8")
     stop = expected[5:8]
@@ -285,6 +301,29 @@ def test_sample_streams_the_prompt_and_its_greedy_continuation(checkpoint, tmp_p
         "--max-new-tokens", "12", "--stop", stop, "--stop", "unused",
     )  # fmt: skip
     assert from_file.stdout == f"Hello{expected[: expected.index(stop)]}\n"
+
+
+def test_sample_batches_several_prompts_and_samples_like_the_engine(checkpoint):
+    prompts, params = ["Hello", "Once upon a time, in a land"], SamplingParams(20, seed=9, stop=("e",))
+    want = Engine(small_model(), max_batch=4).generate([p for p in prompts for _ in range(2)], params)
+    args = [
+        "sample",
+        str(checkpoint),
+        "--seed=9",
+        "--num-samples=2",
+        "--max-new-tokens=20",
+        "--stop=e",
+        "--temperature=1",
+    ]
+    result = smallgpt(*args, *(f"--prompt={p}" for p in prompts))
+    assert result.returncode == 0, result.stderr
+    shown = [p for p in prompts for _ in range(2)]
+    assert result.stdout.split("-" * 40 + "\n") == [
+        f"{p}{c.text}\n" for p, c in zip(shown, want, strict=True)
+    ]
+    assert [line.split("finish: ")[1] for line in result.stderr.splitlines()] == [
+        f"{c.finish_reason}]" for c in want
+    ]
 
 
 def test_sample_seeds_num_samples_empty_prompt_and_interactive(checkpoint):
@@ -296,7 +335,7 @@ def test_sample_seeds_num_samples_empty_prompt_and_interactive(checkpoint):
     assert "starting from <|endoftext|>" in first.stderr
     interactive = ("sample", str(checkpoint), "--interactive", "--max-new-tokens=5", "--int8")
     session = smallgpt(*interactive, stdin="Hi\nHo\n")
-    assert session.returncode == 0 and session.stderr.count("5 tokens") == 2
+    assert session.returncode == 0 and session.stderr.count("[5 tokens,") == 2
     assert "Hi" in session.stdout and "Ho" in session.stdout
 
 

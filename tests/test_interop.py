@@ -13,8 +13,9 @@ from test_model import SMALL, hf_gpt2
 from smallgpt.checkpoint import load_model, save_weights
 from smallgpt.cli import main
 from smallgpt.config import ModelConfig
+from smallgpt.engine import Engine
 from smallgpt.errors import SmallGPTError
-from smallgpt.generate import Generator, SamplingParams
+from smallgpt.generate import SamplingParams
 from smallgpt.interop import export_to_hf, hf_config_from, import_from_hf, state_dict_to_hf
 from smallgpt.model import GPT
 from smallgpt.tokenizer import EOT_ID, encode
@@ -162,7 +163,7 @@ def test_greedy_text_of_export_equals_smallgpt_sample(tmp_path, monkeypatch, cap
     hf_ids = generator.model.generate(
         prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=50, do_sample=False
     )
-    ours = Generator(load_model(tmp_path / "run")).generate([PROMPT], SamplingParams(50, temperature=0))
+    ours = Engine(load_model(tmp_path / "run")).generate([PROMPT], SamplingParams(50, temperature=0))
     assert hf_ids[0, prompt_ids.shape[1] :].tolist() == ours[0].token_ids
 
 

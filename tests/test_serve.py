@@ -23,10 +23,11 @@ import torch
 
 from smallgpt.checkpoint import load_model, save_weights
 from smallgpt.config import get_preset
-from smallgpt.generate import Generator, SamplingParams
+from smallgpt.engine import Engine
+from smallgpt.generate import SamplingParams
 from smallgpt.model import GPT
-from smallgpt.serve import DEFAULT_MAX_BODY_BYTES, model_name
-from smallgpt.tokenizer import encode
+from smallgpt.serve import DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_BYTES, model_name
+from smallgpt.tokenizer import decode, encode
 
 LARGE_CAP = 100_000  # lets a request run for minutes, to watch a disconnect stop it
 SMALL_CAP = 8
@@ -45,11 +46,11 @@ def reference(checkpoint):
     """The library on the same weights, on one torch thread like the servers (see `running_server`)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield Generator(load_model(checkpoint))
+    yield Engine(load_model(checkpoint), max_batch=DEFAULT_MAX_BATCH)  # the server's arithmetic
     torch.set_num_threads(threads)
 
 
-def expected(reference: Generator, prompt: str, **params):
+def expected(reference: Engine, prompt: str, **params):
     return reference.generate([prompt], SamplingParams(**params))[0]
 
 
@@ -60,13 +61,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(checkpoint: Path, *options: str):
+def running_server(checkpoint: Path, *options: str, env: dict | None = None):
     """`python -m smallgpt serve` in a subprocess; yields its base URL; its log must show no crash."""
     port, log_path = free_port(), checkpoint.parent / f"server-{time.monotonic_ns()}.log"
     command = [sys.executable, "-m", "smallgpt", "serve", str(checkpoint), "--port", str(port), *options]
     # One torch thread, as in `reference`: the same arithmetic, so the same sampled text (thread counts
     # change float summation order); and two processes spinning two threads each on two cores crawl.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
@@ -200,14 +201,22 @@ def test_stop_strings_end_the_text(client, reference):
     assert "".join(c.choices[0].text for c in streamed) == cut
 
 
-def test_prompt_longer_than_the_context_keeps_its_end(client):
+def test_prompt_longer_than_the_context_is_refused_unless_truncation_is_asked(client):
     tail = " the quick brown fox" * 40  # 160 tokens: more than the tiny model's 128-token context
+    with pytest.raises(openai.BadRequestError, match="does not fit the model's context of 128 tokens"):
+        client.completions.create(model="tiny", prompt="x " * 300 + tail, max_tokens=6, temperature=0)
     results = [
-        client.completions.create(model="tiny", prompt=head + tail, max_tokens=6, temperature=0)
+        client.completions.create(
+            model="tiny",
+            prompt=head + tail,
+            max_tokens=6,
+            temperature=0,
+            extra_body={"truncate_prompt_tokens": 128},
+        )  # fmt: skip
         for head in ("x " * 300, "different words " * 50)
     ]
     assert results[0].choices[0].text == results[1].choices[0].text  # only the last 128 tokens matter
-    assert results[0].usage.prompt_tokens == len(encode("x " * 300 + tail))
+    assert results[0].usage.prompt_tokens == 128
 
 
 def test_extreme_but_valid_values_are_served(client):
@@ -257,7 +266,6 @@ BAD_REQUESTS = [
     ("fractional max_tokens", {"prompt": "a", "max_tokens": 2.5}, 400, "max_tokens"),
     ("temperature as text", {"prompt": "a", "temperature": "hot"}, 400, "temperature"),
     ("stream as text", {"prompt": "a", "stream": "yes"}, 400, "stream"),
-    ("zero max_tokens", {"prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
     ("negative max_tokens", {"prompt": "a", "max_tokens": -5}, 400, "max_tokens"),
     ("max_tokens over the cap", {"prompt": "a", "max_tokens": SMALL_CAP + 1}, 400, "max_tokens"),
     ("negative temperature", {"prompt": "a", "temperature": -0.1}, 400, "temperature"),
@@ -269,7 +277,19 @@ BAD_REQUESTS = [
     ("empty stop string", {"prompt": "a", "stop": ""}, 400, "stop"),
     ("five stop strings", {"prompt": "a", "stop": ["1", "2", "3", "4", "5"]}, 400, "stop"),
     ("seed beyond int64", {"prompt": "a", "seed": 2**70}, 400, "seed"),
-    ("unsupported OpenAI field", {"prompt": "a", "logprobs": 2}, 400, "logprobs"),
+    ("unsupported OpenAI field", {"prompt": "a", "best_of": 2}, 400, "best_of"),
+    ("logprobs over five", {"prompt": "a", "logprobs": 6}, 400, "logprobs"),
+    ("token id beyond the vocabulary", {"prompt": [1, 50257]}, 400, "prompt"),
+    ("empty token list", {"prompt": [[]]}, 400, "prompt"),
+    ("stop string too long", {"prompt": "a", "stop": "x" * 257}, 400, "stop"),
+    ("prompt longer than the context", {"prompt": [5] * 129}, 400, "prompt"),
+    (
+        "truncation beyond the context",
+        {"prompt": "a", "truncate_prompt_tokens": 130},
+        400,
+        "truncate_prompt_tokens",
+    ),
+    ("logprobs with stream", {"prompt": "a", "logprobs": 1, "stream": True}, 400, "logprobs"),
 ]
 
 
@@ -299,7 +319,8 @@ def test_oversized_bodies_are_refused(small_server):
     chunked = requests.post(url, data=iter([body[:1000], body[1000:]]), headers=headers, timeout=30)
     for response in (declared, chunked):
         assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
-    assert requests.post(url, data=body[: DEFAULT_MAX_BODY_BYTES // 2] + b'"}', headers=headers).ok
+    under = body[: DEFAULT_MAX_BODY_BYTES // 2] + b'", "truncate_prompt_tokens": 128}'
+    assert requests.post(url, data=under, headers=headers).ok
 
 
 def test_unknown_routes_and_methods(small_server):
@@ -314,6 +335,8 @@ def test_unknown_routes_and_methods(small_server):
         (["no-such-run"], "checkpoint not found: no-such-run"),
         (["CHECKPOINT", "--max-tokens-cap", "0"], "max_tokens cap must be at least 1, got 0"),
         (["CHECKPOINT", "--device", "abacus"], "unknown device 'abacus': use auto, cpu, cuda, cuda:N or mps"),
+        (["CHECKPOINT", "--port", "70000"], "port must be in 1..65535, got 70000"),
+        (["CHECKPOINT", "--max-batch", "0"], "max_batch must be at least 1, got 0"),
     ],
 )
 def test_serve_command_refuses_bad_options_in_one_line(checkpoint, options, message):
@@ -322,6 +345,108 @@ def test_serve_command_refuses_bad_options_in_one_line(checkpoint, options, mess
         [sys.executable, "-m", "smallgpt", "serve", *options], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 1 and result.stderr.strip() == f"error: {message}"
+
+
+def test_serve_on_a_busy_port_is_a_one_line_error(checkpoint):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "smallgpt", "serve", str(checkpoint), "--port", str(port)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "serving" not in result.stdout
+    assert result.stderr.strip() == f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
+# --- scoring: echo, logprobs, token-id prompts, max_tokens 0 ---
+
+
+def test_scoring_token_prompts_with_echo_and_max_tokens_0_through_the_openai_client(client, reference):
+    """What evaluation harnesses send (lm-eval's local-completions): the scores must be the model's
+    own log-softmax at every prompt position."""
+    texts = ["The quick brown fox jumps over the lazy dog", "Once upon a time, there was"]
+    prompts = [encode(t) for t in texts]
+    result = client.completions.create(model="tiny", prompt=prompts, max_tokens=0, echo=True, logprobs=3)
+    assert result.usage.prompt_tokens == sum(map(len, prompts)) and result.usage.completion_tokens == 0
+    for choice, ids, text in zip(result.choices, prompts, texts, strict=True):
+        assert choice.text == text and choice.finish_reason == "length"
+        with torch.no_grad():
+            want = reference.model(torch.tensor([ids]))[0].log_softmax(-1)
+        logprobs = choice.logprobs
+        assert logprobs.tokens == [decode([i]) for i in ids]
+        assert logprobs.text_offset == [len(decode(ids[:t])) for t in range(len(ids))]
+        assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+        for t in range(1, len(ids)):
+            assert logprobs.token_logprobs[t] == pytest.approx(want[t - 1, ids[t]].item(), abs=1e-5)
+            top = want[t - 1].topk(3)
+            assert list(logprobs.top_logprobs[t]) == [decode([i]) for i in top.indices.tolist()]
+            assert list(logprobs.top_logprobs[t].values()) == pytest.approx(top.values.tolist(), abs=1e-5)
+
+
+def test_generated_logprobs_and_echo_with_text_prompts(client, reference):
+    prompt = "Hello there"
+    result = client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=5, temperature=0, echo=True, logprobs=1
+    )
+    want = expected(reference, prompt, max_new_tokens=5, temperature=0)
+    ids = encode(prompt) + want.token_ids
+    choice = result.choices[0]
+    assert choice.text == prompt + want.text
+    assert choice.logprobs.tokens == [decode([i]) for i in ids]
+    with torch.no_grad():
+        logits = reference.model(torch.tensor([ids[:-1]]))[0].log_softmax(-1)
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx(
+        [logits[t - 1, ids[t]].item() for t in range(1, len(ids))], abs=1e-4
+    )
+    # Greedy: every generated token is its position's most probable one.
+    for t in range(len(encode(prompt)), len(ids)):
+        assert choice.logprobs.token_logprobs[t] == max(choice.logprobs.top_logprobs[t].values())
+    plain = client.completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=0, logprobs=0)
+    assert plain.choices[0].logprobs.tokens == [decode([i]) for i in want.token_ids]
+    assert plain.choices[0].logprobs.text_offset[0] == 0
+
+
+def test_temperature_that_underflows_is_greedy(client):
+    greedy = client.completions.create(model="tiny", prompt="Edge", max_tokens=6, temperature=0)
+    tiny = client.completions.create(model="tiny", prompt="Edge", max_tokens=6, temperature=1e-50, seed=1)
+    assert tiny.choices[0].text == greedy.choices[0].text
+
+
+# --- admission control and the API key ---
+
+
+def test_overload_gets_429_with_retry_after_and_admitted_requests_lose_nothing(checkpoint, reference):
+    key = "s3cret-key"
+    options = ("--max-batch", "1", "--max-queue", "1", "--device", "cpu")
+    with running_server(checkpoint, *options, env={"SMALLGPT_API_KEY": key}) as base:
+        url = f"{base}/v1/completions"
+        auth = {"Authorization": f"Bearer {key}"}
+        refused = []
+
+        def call(seed: int) -> str:
+            body = {"prompt": "Busy", "max_tokens": 12, "seed": seed}
+            while True:  # a polite client: wait as told, then retry
+                response = requests.post(url, json=body, headers=auth, timeout=120)
+                if response.status_code != 429:
+                    assert response.status_code == 200, response.text
+                    return response.json()["choices"][0]["text"]
+                refused.append(response.headers["Retry-After"])
+                time.sleep(float(response.headers["Retry-After"]) / 10)
+
+        with ThreadPoolExecutor(6) as pool:
+            texts = list(pool.map(call, range(6)))
+        one_row = Engine(reference.model, max_batch=1)  # the server's arithmetic: a one-row pool
+        params = [SamplingParams(12, seed=s) for s in range(6)]
+        assert texts == [one_row.generate(["Busy"], p)[0].text for p in params]
+        assert refused and set(refused) == {"1"}
+        # The key: required on /v1, compared exactly; /health stays open.
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": key}):
+            response = requests.post(url, json={"prompt": "a", "max_tokens": 1}, headers=headers, timeout=30)
+            assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+        assert requests.get(f"{base}/v1/models", timeout=30).status_code == 401
+        assert requests.get(f"{base}/health", timeout=30).ok
+        with_key = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
+        assert [m.id for m in with_key.models.list()] == ["tiny"]
 
 
 # --- concurrency ---

@@ -295,7 +295,8 @@ def sample(
         str, typer.Argument(help="Run dir (best, else latest), checkpoint dir or .safetensors.")
     ],
     prompt: Annotated[
-        Optional[str], typer.Option(help="Text to continue; empty starts from <|endoftext|>.")
+        Optional[list[str]],
+        typer.Option(help="Text to continue (repeatable); empty starts from <|endoftext|>."),
     ] = None,
     prompt_file: Annotated[Optional[str], typer.Option(help="Read the prompt from this UTF-8 file.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate per sample.")] = 200,
@@ -320,73 +321,101 @@ def sample(
         bool, typer.Option("--int8", help="int8 weights: ~2x faster on a CPU, logits within ~1%.")
     ] = False,
 ) -> None:
-    """Continue a prompt with a trained model, printing tokens as they are produced."""
+    """Continue prompts with a trained model, all samples in one batch, printing tokens as they come."""
     from pathlib import Path
 
     from smallgpt.checkpoint import load_model
     from smallgpt.distributed import pick_device
-    from smallgpt.generate import Generator, SamplingParams, quantize_int8
+    from smallgpt.engine import Engine
+    from smallgpt.generate import SamplingParams, quantize_int8
 
     params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop or ()))
+    if max_new_tokens < 1:
+        raise SmallGPTError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if num_samples < 1:
         raise SmallGPTError(f"num_samples must be at least 1, got {num_samples}")
-    if prompt is not None and prompt_file is not None:
-        raise SmallGPTError("give --prompt or --prompt-file, not both")
+    prompts = list(prompt or [])
     if prompt_file is not None:
         try:
-            prompt = Path(prompt_file).read_text(encoding="utf-8")
+            prompts.append(Path(prompt_file).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError) as exc:
             raise SmallGPTError(f"cannot read prompt file {prompt_file}: {exc}") from None
     model = load_model(checkpoint, pick_device(device))
-    generator = Generator(quantize_int8(model) if int8 else model)
-    if prompt is not None or not interactive:
-        _print_samples(generator, prompt or "", params, num_samples)
+    rows = min(MAX_SAMPLE_BATCH, max(len(prompts), 1) * num_samples)
+    engine = Engine(quantize_int8(model) if int8 else model, max_batch=rows)
+    if prompts or not interactive:
+        _print_samples(engine, prompts or [""], params, num_samples)
     while interactive:
         try:
-            prompt = input("prompt> ")
+            line = input("prompt> ")
         except EOFError:
             break
-        _print_samples(generator, prompt, params, num_samples)
+        _print_samples(engine, [line], params, num_samples)
 
 
-def _print_samples(generator, prompt: str, params, num_samples: int) -> None:
-    """Stream `num_samples` continuations of `prompt` to stdout; a one-line summary of each to stderr."""
+MAX_SAMPLE_BATCH = 64  # more samples than this wait for a free row
+
+
+def _print_samples(engine, prompts: list[str], params, num_samples: int) -> None:
+    """Generate `num_samples` continuations of each prompt in one batch; print them one after another,
+    the one on screen as its tokens come, and a one-line summary of each to stderr."""
     import dataclasses
     import time
 
-    if not prompt:
+    from smallgpt.engine import Request
+
+    if "" in prompts:
         err_console.print("note: empty prompt: starting from <|endoftext|>", highlight=False)
-    for i in range(num_samples):
-        if i:
-            print("-" * 40)
-        seeded = dataclasses.replace(params, seed=None if params.seed is None else params.seed + i)
-        start = time.perf_counter()
-        print(prompt, end="", flush=True)
-        stream = generator.stream(prompt, seeded)
-        for delta in stream:
-            print(delta, end="", flush=True)
+    base_seed = params.seed if params.seed is not None else int(time.time_ns() % 2**63)
+    shown = [p for p in prompts for _ in range(num_samples)]
+    sequences = [
+        engine.submit(Request(engine.prompt_ids(p), dataclasses.replace(params, seed=base_seed + i)))
+        for i, p in enumerate(shown)
+    ]
+    start, finished_at, printed = time.perf_counter(), {}, 0
+    for i, sequence in enumerate(sequences):
+        print(("-" * 40 + "\n" if i else "") + shown[i], end="", flush=True)
+        while True:
+            print(sequence.output[printed:], end="", flush=True)
+            printed = len(sequence.output)
+            if sequence.done:
+                break
+            engine.step()
+            now = time.perf_counter()
+            finished_at.update((j, now) for j, s in enumerate(sequences) if s.done and j not in finished_at)
         print(flush=True)
-        done, seconds = stream.completion, time.perf_counter() - start
-        rate = len(done.token_ids) / seconds
-        err_console.print(
-            f"[{len(done.token_ids)} tokens, {rate:.0f} tokens/s, finish: {done.finish_reason}]",
-            highlight=False,
-            markup=False,
-        )
+        printed, tokens = 0, len(sequence.token_ids)
+        rate = tokens / (finished_at.get(i, time.perf_counter()) - start)
+        summary = f"[{tokens} tokens, {rate:.0f} tokens/s, finish: {sequence.finish_reason}]"
+        err_console.print(summary, highlight=False, markup=False)
 
 
 @app.command()
 def serve(
     checkpoint: Annotated[str, typer.Argument(help="Run dir, checkpoint dir or .safetensors file.")],
     host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 = all.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    port: Annotated[int, typer.Option(help="TCP port (1-65535).")] = 8000,
     max_tokens_cap: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 2048,
+    max_batch: Annotated[int, typer.Option(help="Sequences decoded together (KV-cache rows).")] = 16,
+    max_queue: Annotated[int, typer.Option(help="Sequences that may wait for a row; beyond: 429.")] = 64,
+    request_timeout: Annotated[float, typer.Option(help="Seconds a request may generate for.")] = 600.0,
+    api_key: Annotated[
+        Optional[str],
+        typer.Option(envvar="SMALLGPT_API_KEY", help="Require Authorization: Bearer KEY on /v1 routes."),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps.")] = "auto",
 ) -> None:
     """Serve a model: OpenAI-compatible API at /v1/completions, playground at /."""
+    from smallgpt.serve import Limits
     from smallgpt.serve import serve as run_server
 
-    run_server(checkpoint, host=host, port=port, max_tokens_cap=max_tokens_cap, device=device)
+    limits = Limits(
+        max_tokens_cap=max_tokens_cap,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        request_timeout=request_timeout,
+    )
+    run_server(checkpoint, host=host, port=port, device=device, limits=limits, api_key=api_key)
 
 
 @app.command()

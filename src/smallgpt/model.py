@@ -10,8 +10,9 @@ Parameter names match Hugging Face's `GPT2LMHeadModel` (`transformer.h.0.attn.c_
 that our Linear layers store weights as (out, in) where GPT-2's Conv1D stores (in, out); the interop
 module transposes those on the way in and out.
 
-Generation uses the same layers through `GPT.forward_cached`, which keeps every layer's keys and values
-in a preallocated `KVCache` so that each new token costs one position's work instead of the whole context.
+Generation uses the same layers through `GPT.forward_cached`, which hands every layer's keys and values
+to a KV cache (`smallgpt.kvcache`) so that each new token costs one position's work instead of the
+whole context.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim): each head attends independently.
@@ -49,9 +50,8 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
             )
-        else:  # decoding: attend over every cached position the mask allows, this step's included
-            k, v = cache.store(k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask)
+        else:  # generating: the cache stores this step's keys/values and attends over what it holds
+            y = cache.attend(q, k, v)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # concatenate the heads again
         return self.resid_dropout(self.c_proj(y))
 
@@ -80,7 +80,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), cache)
         x = x + self.mlp(self.ln_2(x))
         return x
@@ -141,28 +141,20 @@ class GPT(nn.Module):
         return self.lm_head(hidden)[..., : self.config.vocab_size]
 
     def forward_cached(
-        self, idx: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None
+        self, idx: torch.Tensor, positions: torch.Tensor, cache, last_only: bool = True
     ) -> torch.Tensor:
-        """Next-token logits (B, vocab_size) after appending tokens `idx` (B, T) to `cache`.
+        """Logits after tokens `idx` (B, T) at `positions` (B, T), keys and values going to `cache`.
 
-        The new tokens take the cache's next T slots; `valid` (B, T) marks which of them are real
-        (False = left padding, which no real token attends to and which takes no position). Only the
-        last position goes through the head: it is the only one generation needs. Pure tensor work, so
+        `cache.layers[i].attend(q, k, v)` stores layer i's new keys/values and returns its attention
+        output (see `smallgpt.kvcache`). Returns (B, vocab) for the last position only, all that
+        sampling needs, or (B, T, vocab) for every position (to score a prompt). Pure tensor work, so
         a decode step can be captured in a CUDA graph.
         """
-        B, T = idx.shape
-        if valid is None:
-            valid = torch.ones(B, T, dtype=torch.bool, device=idx.device)
-        # Per-row position ids count only real tokens, so a padded row sees 0, 1, 2... as it would alone.
-        positions = cache.next_position[:, None] + valid.cumsum(1) - 1
-        new_slots = cache.cursor + torch.arange(T, device=idx.device)
-        cache.begin_step(new_slots, valid)
-        x = self.transformer.wte(idx) + self.transformer.wpe(positions.clamp(min=0))
+        x = self.transformer.wte(idx) + self.transformer.wpe(positions)
         for block, layer_cache in zip(self.transformer.h, cache.layers, strict=True):
             x = block(x, layer_cache)
-        cache.next_position += valid.sum(1)
-        cache.cursor += T
-        return self.lm_head(self.transformer.ln_f(x[:, -1]))[:, : self.config.vocab_size]
+        x = self.transformer.ln_f(x[:, -1] if last_only else x)
+        return self.lm_head(x)[..., : self.config.vocab_size]
 
     # --- bookkeeping used by the CLI, training and benchmarks ---
 
@@ -188,67 +180,3 @@ class GPT(nn.Module):
         dense = matmul_weights + cfg.padded_vocab_size * cfg.n_embd
         attention = 2 * cfg.n_layer * cfg.block_size * cfg.n_embd
         return 3 * (2 * dense + 2 * attention)
-
-
-class KVCache:
-    """Every layer's keys and values for the tokens seen so far, preallocated for the whole context.
-
-    Storage is (n_layer, batch, n_head, block_size, head_dim) and never reallocated, so decode steps
-    have static shapes. Rows share slot numbers: prompts of different lengths are left-padded to end
-    at the same slot, `key_valid` (batch, block_size) says which slots hold real tokens, and
-    `next_position` keeps each row's own position count. `cursor` (a 1-element tensor, so the update
-    stays on the device) is the next free slot. When it reaches block_size the cache is full: positions
-    are learned absolute embeddings, so sliding the window means recomputing it (see `smallgpt.generate`).
-    """
-
-    def __init__(self, config: ModelConfig, batch_size: int, device=None, dtype=torch.float32):
-        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.key_valid = torch.zeros(batch_size, config.block_size, dtype=torch.bool, device=device)
-        self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.cursor = torch.zeros(1, dtype=torch.long, device=device)
-        self.slots = torch.arange(config.block_size, device=device)
-        self.mask = self.key_valid[:, None, None, :]  # replaced by `begin_step`
-        self.new_slots = self.cursor
-        self.layers = [LayerCache(self, i) for i in range(config.n_layer)]
-
-    @property
-    def capacity(self) -> int:
-        return self.keys.shape[3]
-
-    def reset(self) -> None:
-        """Empty the cache in place (same storage, so captured CUDA graphs stay valid)."""
-        self.key_valid.zero_()
-        self.next_position.zero_()
-        self.cursor.zero_()
-
-    def begin_step(self, new_slots: torch.Tensor, valid: torch.Tensor) -> None:
-        """Mark the slots this step writes and build its attention mask (batch, 1, T, block_size).
-
-        A new token at slot s may attend to real tokens at slots <= s. Padding attends to itself only,
-        which keeps its (unused) activations finite instead of a softmax over nothing.
-        """
-        self.key_valid.index_copy_(1, new_slots, valid)
-        causal = self.slots[None, :] <= new_slots[:, None]  # (T, block_size)
-        itself = self.slots[None, :] == new_slots[:, None]
-        self.mask = ((causal & self.key_valid[:, None, :]) | itself)[:, None]
-        self.new_slots = new_slots
-
-
-class LayerCache:
-    """One layer's view of a `KVCache`: stores this step's keys/values, hands back all slots."""
-
-    def __init__(self, cache: KVCache, layer: int):
-        self.cache = cache
-        self.keys = cache.keys[layer]
-        self.values = cache.values[layer]
-
-    @property
-    def mask(self) -> torch.Tensor:
-        return self.cache.mask
-
-    def store(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.keys.index_copy_(2, self.cache.new_slots, k)
-        self.values.index_copy_(2, self.cache.new_slots, v)
-        return self.keys, self.values

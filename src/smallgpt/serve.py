@@ -1,395 +1,311 @@
 """Serving: an OpenAI-compatible completions API and a browser playground over one model.
 
-    POST /v1/completions   OpenAI's completions API: prompt (string or list), max_tokens, temperature,
-                           top_p, top_k (an extension), n, stop, seed, stream (server-sent events)
+    POST /v1/completions   OpenAI's (legacy) completions API, see `smallgpt.api`: prompts as text or
+                           token ids, logprobs, echo, max_tokens 0 to score, n, stop, seed, stream
     GET  /v1/models        the one model served          GET /health   liveness, limits, load
     GET  /                 the playground (static/playground.html)
     GET  /openapi.json     the schema (and /docs to browse it)
 
-How requests share the model: one worker thread, one token at a time, round-robin.
-Every completion choice is a `Generator.stream` iterator. An asyncio task per choice hands the
-iterator's next step to a single-thread executor and waits. The executor runs its queue first in,
-first out, so the torch work never blocks the event loop, two forward passes never fight over the same
-cores, and the active choices advance in turn: a long generation cannot starve a short one. A choice
-passes its text deltas to its response through a small bounded queue, so a client that reads slowly
-pauses only its own choices (backpressure) and never the others. Between tokens the response checks
-that its client is still connected; when it has gone, the choice tasks are cancelled and their
-iterators closed on the worker thread, so no more tokens are spent on it. (Batched decoding across
-requests would raise throughput on a GPU; on a CPU with one small model, taking turns keeps the code
-small and latency fair.)
+How requests share the model: continuous batching (`smallgpt.engine`). One worker thread runs engine
+steps for as long as any sequence is waiting or active; every choice of every request is one sequence.
+A step moves every active sequence by one token in one batched forward pass, so 16 concurrent requests
+cost about what one costs. The event loop never runs torch: it submits sequences and receives each
+step's text through a queue per request. Admission control: at most --max-batch sequences decode at
+once and --max-queue more wait; a request that would go beyond is refused with 429 and Retry-After
+rather than queued without bound. Each request has a time limit (--request-timeout: it ends with what
+it has, finish_reason "length", as llama.cpp's time limit does). A client that disconnects has its
+sequences cancelled; the worker frees their rows at its next step.
+
+With --api-key (or SMALLGPT_API_KEY), the /v1 routes require `Authorization: Bearer KEY` (401
+otherwise, compared in constant time); /health, the playground page and the schema stay open.
 
 Bad input gets OpenAI's error object, `{"error": {"message", "type", "param", "code"}}`, with status
 400 for any invalid request (malformed JSON, wrong types, out-of-range values, max_tokens above the
-configured cap, unsupported OpenAI fields), 404 for unknown routes, 405 for wrong methods and 413 for
-bodies over the size limit. A prompt longer than the model's context is not an error: the model sees
-its last `block_size` tokens (truncated from the left), and `usage.prompt_tokens` counts the whole prompt.
+configured cap, unsupported OpenAI fields, a prompt longer than the context unless
+truncate_prompt_tokens is set), 401 for a missing or wrong key, 404 for unknown routes, 405 for wrong
+methods, 413 for bodies over the size limit and 429 when the server is full.
 """
 
 import asyncio
 import logging
+import socket
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import replace
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, create_model
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi.responses import HTMLResponse, StreamingResponse
 
+from smallgpt import api
+from smallgpt.api import (
+    ERROR_HANDLERS,
+    BodySizeLimit,
+    Choice,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorBody,
+    ErrorResponse,
+    RequireApiKey,
+    error_response,
+)
 from smallgpt.checkpoint import WEIGHTS_NAME
+from smallgpt.engine import Completion, Engine, Sequence
+from smallgpt.engine import Request as EngineRequest
 from smallgpt.errors import SmallGPTError
-from smallgpt.generate import Completion, Generator, SamplingParams
+from smallgpt.generate import SamplingParams
 from smallgpt.model import GPT
 
 log = logging.getLogger("smallgpt.serve")
 
 DEFAULT_MAX_TOKENS_CAP = 2048
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more text than any context holds
-MAX_CHOICES = 16  # prompts x n per request
-MAX_STOP_STRINGS = 4  # as OpenAI
-SEED_RANGE = 2**64  # torch.Generator.manual_seed takes any integer in [-2**63, 2**64)
-
-# --- request and response bodies (they are also the OpenAPI schema) ---
-
-
-class CompletionRequest(BaseModel):
-    """A completions request. Unknown fields (OpenAI's echo, logprobs, best_of, suffix, penalties,
-    logit_bias) are refused rather than silently ignored; `model` may name any model (one is served)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    model: str | None = None
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_CHOICES)] = Field(
-        description="Text to continue, or a list of texts. Longer than the context: the last tokens are kept."
-    )
-    max_tokens: int = Field(16, ge=1)  # the cap is added per app, see `request_model`
-    temperature: float = Field(1.0, ge=0, allow_inf_nan=False, description="0 = greedy.")
-    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
-    top_k: int | None = Field(None, ge=1, description="Extension: sample among the k most likely tokens.")
-    n: int = Field(
-        1, ge=1, le=MAX_CHOICES, description=f"Completions per prompt (prompts x n <= {MAX_CHOICES})."
-    )
-    stop: (
-        Annotated[str, Field(min_length=1)]
-        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP_STRINGS)]
-        | None
-    ) = None
-    seed: int | None = Field(
-        None, ge=-(2**63), lt=2**63, description="Same seed, same text. Choice i uses seed+i."
-    )
-    stream: bool = False
-    stream_options: dict[Literal["include_usage"], bool] | None = None
-    user: str | None = None
+DEFAULT_MAX_BATCH = 16
+DEFAULT_MAX_QUEUE = 64
+DEFAULT_REQUEST_TIMEOUT = 600.0  # seconds
+API_KEY_ENV = "SMALLGPT_API_KEY"
 
 
-def request_model(max_tokens_cap: int) -> type[CompletionRequest]:
-    """The request schema of one app: max_tokens limited to the configured cap, so the schema tells."""
-    max_tokens = Field(min(16, max_tokens_cap), ge=1, le=max_tokens_cap)
-    return create_model("CompletionRequest", __base__=CompletionRequest, max_tokens=(int, max_tokens))
+@dataclass(frozen=True)
+class Limits:
+    max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_batch: int = DEFAULT_MAX_BATCH
+    max_queue: int = DEFAULT_MAX_QUEUE
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("max_tokens cap", self.max_tokens_cap, 1),
+            ("max_batch", self.max_batch, 1),
+            ("max_queue", self.max_queue, 0),
+        ]
+        for name, value, least in checks:
+            if value < least:
+                raise SmallGPTError(f"{name} must be at least {least}, got {value}")
+        if not self.request_timeout > 0:
+            raise SmallGPTError(f"request_timeout must be positive, got {self.request_timeout}")
 
 
-class Choice(BaseModel):
-    text: str
-    index: int
-    logprobs: None = None
-    finish_reason: Literal["stop", "length"] | None
+# --- the engine on its worker thread ---
 
 
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
+class Overloaded(Exception):
+    """More sequences than the pool and the queue hold: the client should retry later (429)."""
 
 
-class CompletionResponse(BaseModel):
-    """A whole response, or (stream=true) one server-sent chunk of it."""
+class EngineWorker:
+    """Runs `Engine.step` on one thread while there is work; hands each step's text to the event loop."""
 
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[Choice]
-    usage: Usage | None = None
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "smallgpt"
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-class ErrorBody(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody
-
-
-def error_response(
-    status: int, message: str, param: str | None = None, code: str | None = None, headers=None
-) -> JSONResponse:
-    kind = "server_error" if status >= 500 else "invalid_request_error"
-    body = ErrorResponse(error=ErrorBody(message=message, type=kind, param=param, code=code))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
-
-
-class BodySizeLimit:
-    """ASGI middleware: read at most `max_bytes` of a request body, else answer 413 (chunked bodies too)."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        body, more = b"", True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":  # the client left before sending its body
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.max_bytes:
-                limit = f"request body is larger than {self.max_bytes} bytes"
-                return await error_response(413, limit, code="body_too_large")(scope, receive, send)
-        replayed = False
-
-        async def replay_then_receive():  # hand the app the body once, then the connection's events
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay_then_receive, send)
-
-
-# --- the engine: choices take turns on one worker thread ---
-
-
-class Engine:
-    """Runs completion choices on the worker thread, one step each in turn (see the module docstring)."""
-
-    def __init__(self, generator: Generator):
-        self.generator = generator
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smallgpt-generate")
-        self.active_choices = 0
+    def __init__(self, engine: Engine, limits: Limits):
+        self.engine, self.limits = engine, limits
+        self.in_flight = 0  # sequences admitted and not yet answered (event loop thread only)
+        self.wake = threading.Event()
         self.closed = False
+        self.thread = threading.Thread(target=self._run, name="smallgpt-engine", daemon=True)
+        self.thread.start()
 
-    async def _run_choice(self, index: int, prompt: str, params: SamplingParams, events: asyncio.Queue):
-        loop = asyncio.get_running_loop()
-        stream = self.generator.stream(prompt, params)
-        self.active_choices += 1
-        try:
-            # next(stream, None): the next text delta, or None at the end (no StopIteration in a future)
-            while (delta := await loop.run_in_executor(self.worker, next, stream, None)) is not None:
-                await events.put((index, delta))
-            await events.put((index, stream.completion))
-        except Exception as exc:  # reported to the client by the response, never a crashed server
-            log.exception("generation failed")
-            await events.put((index, exc))
-        finally:
-            self.active_choices -= 1
-            if not self.closed:  # (at shutdown, the process ends: nothing to free)
-                self.worker.submit(stream.close)  # on the worker thread: it may be mid-step there
+    def _run(self) -> None:
+        while not self.closed:
+            if not self.engine.busy:
+                self.wake.wait()
+                self.wake.clear()
+                continue
+            try:
+                changed = [(s, s.delta, s.completion() if s.done else None) for s in self.engine.step()]
+            except Exception as exc:  # reported to every client in flight, never a dead worker
+                log.exception("generation failed")
+                changed = [(s, "", exc) for s in self.engine.abandon()]
+            for sequence, delta, result in changed:
+                loop, queue, index = sequence.listener
+                loop.call_soon_threadsafe(queue.put_nowait, (index, delta, result))
 
     async def run(
-        self, request: Request, prompts: list[str], params: SamplingParams, n: int
-    ) -> AsyncIterator[tuple[int, str | Completion]]:
-        """(choice index, text delta or final Completion) as produced; choice i is prompts[i // n].
+        self, http: Request, requests: list[EngineRequest]
+    ) -> AsyncIterator[tuple[int, str, Completion | None]]:
+        """(choice index, text delta, final Completion or None) as produced, choice i = requests[i].
 
-        Stops early, cancelling the remaining work, when the client disconnects.
+        Refuses with `Overloaded` when the pool and queue are full. Stops early when the client
+        disconnects; the worker then drops the request's sequences at its next step.
         """
-        events: asyncio.Queue = asyncio.Queue(maxsize=len(prompts) * n)
-        tasks = []
-        for index in range(len(prompts) * n):
-            seed = None if params.seed is None else (params.seed + index) % SEED_RANGE
-            choice = self._run_choice(index, prompts[index // n], replace(params, seed=seed), events)
-            tasks.append(asyncio.create_task(choice))
+        if self.in_flight + len(requests) > self.limits.max_batch + self.limits.max_queue:
+            raise Overloaded()
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        sequences: list[Sequence] = []
+        self.in_flight += len(requests)
         try:
-            unfinished = len(tasks)
+            for index, request in enumerate(requests):
+                sequences.append(self.engine.prepare(request))
+                sequences[-1].listener = (loop, queue, index)
+            self.engine.enqueue(sequences)
+            self.wake.set()
+            unfinished = len(sequences)
             while unfinished:
-                index, item = await events.get()
-                if isinstance(item, Exception):
-                    raise item
-                unfinished -= isinstance(item, Completion)
-                yield index, item
-                if await request.is_disconnected():
+                try:
+                    index, delta, result = await asyncio.wait_for(queue.get(), timeout=1.0)
+                except TimeoutError:  # nothing yet (queued, or a long step): is anyone still there?
+                    if await http.is_disconnected():
+                        return
+                    continue
+                if isinstance(result, Exception):
+                    raise result
+                unfinished -= result is not None
+                yield index, delta, result
+                if await http.is_disconnected():
                     log.info("client disconnected: stopped its generation")
                     return
         finally:
-            for task in tasks:
-                task.cancel()
+            self.in_flight -= len(requests)
+            for sequence in sequences:
+                sequence.cancelled = True  # (finished ones are gone already: no effect)
 
     def close(self) -> None:
         """Stop the worker once its current step is done (the server is shutting down)."""
         self.closed = True
-        self.worker.shutdown(wait=True, cancel_futures=True)
+        self.wake.set()
+        self.thread.join(timeout=30)
 
 
 # --- the app ---
 
 
-def create_app(
-    model: GPT,
-    *,
-    model_name: str = "smallgpt",
-    max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-) -> FastAPI:
-    """The HTTP app serving `model` (on the device its weights are on)."""
-    if max_tokens_cap < 1:
-        raise SmallGPTError(f"max_tokens cap must be at least 1, got {max_tokens_cap}")
-    engine = Engine(Generator(model.eval()))
-    created = int(time.time())
-    playground = (resources.files("smallgpt") / "static" / "playground.html").read_text(encoding="utf-8")
-    RequestBody = request_model(max_tokens_cap)
+class Server:
+    """What the routes share: the model's name and context, the limits, the engine worker."""
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        yield
-        engine.close()
+    def __init__(self, model: GPT, model_name: str, limits: Limits):
+        self.model_name, self.limits = model_name, limits
+        self.context = model.config.block_size
+        self.worker = EngineWorker(Engine(model.eval(), max_batch=limits.max_batch), limits)
+        self.created = int(time.time())
 
-    app = FastAPI(
-        title="SmallGPT", summary="OpenAI-compatible completions from a SmallGPT model.", lifespan=lifespan
-    )
-    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0]
-        if first["type"] == "json_invalid":
-            return error_response(400, f"malformed JSON: {first['ctx']['error']}", code="json_invalid")
-        where = [str(part) for part in first["loc"] if part != "body"]
-        if not where:  # the body as a whole: missing, not JSON, not an object
-            message = f"request body: {first['msg']} (send a JSON object as application/json)"
-            return error_response(400, message, code=first["type"])
-        return error_response(400, f"{where[0]}: {first['msg']}", param=where[0], code=first["type"])
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):
-        message = f"{request.method} {request.url.path}: {exc.detail}"
-        code = str(exc.detail).lower().replace(" ", "_")
-        return error_response(exc.status_code, message, code=code, headers=exc.headers)  # 405: Allow
-
-    @app.exception_handler(SmallGPTError)
-    async def bad_request(request: Request, exc: SmallGPTError):
-        return error_response(400, str(exc))
-
-    @app.exception_handler(Exception)
-    async def server_error(request: Request, exc: Exception):
-        log.exception("unexpected error")
-        return error_response(500, f"internal error: {type(exc).__name__}")
-
-    @app.get("/", include_in_schema=False)
-    async def playground_page() -> HTMLResponse:
-        return HTMLResponse(playground)
-
-    @app.get("/health")
-    async def health() -> dict:
-        """Liveness, the limits the playground needs, and how many choices are generating now."""
-        return {
-            "status": "ok",
-            "model": model_name,
-            "context_length": model.config.block_size,
-            "max_tokens_cap": max_tokens_cap,
-            "active_choices": engine.active_choices,
-        }
-
-    @app.get("/v1/models")
-    async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=model_name, created=created)])
-
-    @app.post(
-        "/v1/completions",
-        response_model=CompletionResponse,
-        responses={
-            200: {"content": {"text/event-stream": {}}},
-            "4XX": {"model": ErrorResponse, "description": "OpenAI's error object"},
-        },
-    )
-    async def completions(body: RequestBody, request: Request):
-        """Continue the prompt(s). With `stream`, server-sent events of chunks, then `data: [DONE]`."""
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if len(prompts) * body.n > MAX_CHOICES:
-            message = f"prompts x n must be at most {MAX_CHOICES}, got {len(prompts) * body.n}"
-            return error_response(400, message, param="n", code="too_many_choices")
+    def engine_requests(self, body: CompletionRequest, prompts: list[api.Prompt]) -> list[EngineRequest]:
+        """One engine request per choice: choice i continues prompts[i // n] with seed + i."""
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-        params = SamplingParams(body.max_tokens, body.temperature, body.top_k, body.top_p, body.seed, stop)
-        reply = dict(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model_name)
-        events = engine.run(request, prompts, params, body.n)
+        deadline = time.monotonic() + self.limits.request_timeout
+        requests = []
+        for index in range(len(prompts) * body.n):
+            seed = None if body.seed is None else (body.seed + index) % api.SEED_RANGE
+            params = SamplingParams(body.max_tokens, body.temperature, body.top_k, body.top_p, seed, stop)
+            prompt = prompts[index // body.n].ids
+            requests.append(EngineRequest(prompt, params, body.logprobs, body.echo, deadline))
+        return requests
+
+    async def complete(self, body: CompletionRequest, http: Request):
+        """Continue the prompt(s). With `stream`, server-sent events of chunks, then `data: [DONE]`."""
+        prompts = api.prompts_of(body, self.context)
+        if len(prompts) * body.n > api.MAX_CHOICES:
+            message = f"prompts x n must be at most {api.MAX_CHOICES}, got {len(prompts) * body.n}"
+            return error_response(400, message, param="n", code="too_many_choices")
+        if body.stream and (body.logprobs is not None or body.echo):
+            param = "logprobs" if body.logprobs is not None else "echo"
+            return error_response(400, f"{param} is not supported with stream", param=param)
+        reply = dict(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.model_name)
+        events = self.worker.run(http, self.engine_requests(body, prompts))
+        try:
+            first = await anext(events, None)  # admission (429) is decided before any header is sent
+        except Overloaded:
+            message = "the server is at capacity: retry shortly"
+            return error_response(429, message, code="server_busy", headers={"Retry-After": "1"})
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(
-                sse_chunks(events, reply, body.n, include_usage), media_type="text/event-stream"
-            )
-        texts, finished = [""] * (len(prompts) * body.n), {}
-        async for index, item in events:
-            if isinstance(item, Completion):
-                finished[index] = item
-            else:
-                texts[index] += item
-        if len(finished) < len(texts):  # the client disconnected: nobody is left to answer
+            chunks = sse_chunks(_chain(first, events), reply, body.n, include_usage)
+            return StreamingResponse(chunks, media_type="text/event-stream")
+        finished: dict[int, Completion] = {}
+        async for index, _, result in _chain(first, events):
+            if result is not None:
+                finished[index] = result
+        if len(finished) < len(prompts) * body.n:  # the client disconnected: nobody is left to answer
             return error_response(499, "client closed the request", code="client_closed")
-        choices = [
-            Choice(text=t, index=i, finish_reason=finished[i].finish_reason) for i, t in enumerate(texts)
-        ]
-        return CompletionResponse(**reply, choices=choices, usage=usage(finished, body.n))
+        choices = [api.choice(i, prompts[i // body.n], finished[i], body) for i in range(len(finished))]
+        return CompletionResponse(**reply, choices=choices, usage=api.usage(finished, body.n))
 
-    return app
+    def health(self) -> dict:
+        """Liveness, the limits the playground needs, and the load."""
+        return {
+            "status": "ok",
+            "model": self.model_name,
+            "context_length": self.context,
+            "max_tokens_cap": self.limits.max_tokens_cap,
+            "max_batch": self.limits.max_batch,
+            "active_choices": self.worker.in_flight,
+        }
 
 
-def usage(finished: dict[int, Completion], n: int) -> Usage:
-    """Token counts: each prompt once (however many choices it has), every generated token."""
-    prompt_tokens = sum(c.prompt_tokens for i, c in finished.items() if i % n == 0)
-    completion_tokens = sum(len(c.token_ids) for c in finished.values())
-    return Usage(
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        total_tokens=prompt_tokens + completion_tokens,
-    )
+async def _chain(first, events: AsyncIterator) -> AsyncIterator:
+    if first is not None:
+        yield first
+    async for event in events:
+        yield event
 
 
 async def sse_chunks(events, reply: dict, n: int, include_usage: bool) -> AsyncIterator[str]:
     """OpenAI's stream format: `data: <chunk JSON>` per delta, a last chunk per choice with its
     finish_reason, optionally a usage chunk, then `data: [DONE]`."""
 
-    def event(choices: list[Choice], usage_: Usage | None = None) -> str:
+    def event(choices: list[Choice], usage_=None) -> str:
         chunk = CompletionResponse(**reply, choices=choices, usage=usage_)
         return f"data: {chunk.model_dump_json(exclude=None if usage_ else {'usage'})}\n\n"
 
     finished: dict[int, Completion] = {}
     try:
-        async for index, item in events:
-            if isinstance(item, Completion):
-                finished[index] = item
-                yield event([Choice(text="", index=index, finish_reason=item.finish_reason)])
-            else:
-                yield event([Choice(text=item, index=index, finish_reason=None)])
+        async for index, delta, result in events:
+            if delta:
+                yield event([Choice(text=delta, index=index, finish_reason=None)])
+            if result is not None:
+                finished[index] = result
+                yield event([Choice(text="", index=index, finish_reason=result.finish_reason)])
     except Exception as exc:  # headers are sent: report in-band, as OpenAI does
         log.exception("generation failed mid-stream")
         problem = ErrorResponse(error=ErrorBody(message=f"generation failed: {exc}", type="server_error"))
         yield f"data: {problem.model_dump_json()}\n\n"
     if include_usage and finished:
-        yield event([], usage(finished, n))
+        yield event([], api.usage(finished, n))
     yield "data: [DONE]\n\n"
+
+
+def create_app(
+    model: GPT, *, model_name: str = "smallgpt", limits: Limits | None = None, api_key: str | None = None
+) -> FastAPI:
+    """The HTTP app serving `model` (on the device its weights are on)."""
+    limits = limits or Limits()
+    server = Server(model, model_name, limits)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        server.worker.close()
+
+    app = FastAPI(
+        title="SmallGPT", summary="OpenAI-compatible completions from a SmallGPT model.", lifespan=lifespan
+    )
+    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
+    if api_key:
+        app.add_middleware(RequireApiKey, api_key=api_key)
+    for kind, handler in ERROR_HANDLERS.items():
+        app.add_exception_handler(kind, handler)
+    playground = (resources.files("smallgpt") / "static" / "playground.html").read_text(encoding="utf-8")
+    app.add_api_route("/", lambda: HTMLResponse(playground), include_in_schema=False)
+    app.add_api_route("/health", server.health, methods=["GET"])
+    models = lambda: api.ModelList(data=[api.ModelCard(id=model_name, created=server.created)])  # noqa: E731
+    app.add_api_route("/v1/models", models, methods=["GET"], response_model=api.ModelList)
+    RequestBody = api.request_model(limits.max_tokens_cap)
+
+    async def completions(body: RequestBody, request: Request):  # type: ignore[valid-type]
+        return await server.complete(body, request)
+
+    completions.__doc__ = Server.complete.__doc__
+    app.add_api_route(
+        "/v1/completions", completions, methods=["POST"], response_model=CompletionResponse,
+        responses={
+            200: {"content": {"text/event-stream": {}}},
+            "4XX": {"model": ErrorResponse, "description": "OpenAI's error object"},
+        },
+    )  # fmt: skip
+    return app
 
 
 def model_name(checkpoint: str | Path) -> str:
@@ -400,13 +316,30 @@ def model_name(checkpoint: str | Path) -> str:
     return path.stem if path.is_file() else path.name
 
 
+def bound_socket(host: str, port: int) -> socket.socket:
+    """Bind host:port now, so that a bad or busy address is a one-line error before "serving at".
+
+    Bound but not listening yet: uvicorn listens once the app is loaded, so no client connects to a
+    server that cannot answer.
+    """
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart over TIME_WAIT
+        sock.bind((host, port))
+        return sock
+    except OSError as exc:
+        raise SmallGPTError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 def serve(
     checkpoint: str,
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
-    max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP,
     device: str = "auto",
+    limits: Limits | None = None,
+    api_key: str | None = None,
 ) -> None:
     """Load a checkpoint and serve it with uvicorn until interrupted (localhost unless told otherwise)."""
     import uvicorn
@@ -414,7 +347,12 @@ def serve(
     from smallgpt.checkpoint import load_model
     from smallgpt.distributed import pick_device
 
+    limits = limits or Limits()
+    if not 1 <= port <= 65535:
+        raise SmallGPTError(f"port must be in 1..65535, got {port}")
     model, name = load_model(checkpoint, pick_device(device)), model_name(checkpoint)
-    app = create_app(model, model_name=name, max_tokens_cap=max_tokens_cap)
+    sock = bound_socket(host, port)
+    app = create_app(model, model_name=name, limits=limits, api_key=api_key)
     print(f"serving {name} at http://{host}:{port}/  (API: /v1/completions, schema: /openapi.json)")
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])

@@ -365,10 +365,11 @@ def train(
 
 
 def _print_sample(model: GPT, cfg: TrainConfig, console: Console) -> None:
-    from smallgpt.generate import Generator, SamplingParams
+    from smallgpt.engine import Engine
+    from smallgpt.generate import SamplingParams
 
     params = SamplingParams(max_new_tokens=cfg.sample_tokens, temperature=0.8, top_k=200, seed=cfg.seed)
-    text = Generator(model).generate([""], params)[0].text
+    text = Engine(model, max_batch=1).generate([""], params)[0].text
     console.print("\nsample (temperature 0.8, top-k 200):", style="bold")
     console.print(text, markup=False, highlight=False)
 

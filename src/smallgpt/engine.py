@@ -1,0 +1,304 @@
+"""The inference engine: many sequences decoded together over one KV-cache pool (continuous batching).
+
+    submit(request) -> waiting queue
+    step():  sequences whose client left are dropped
+             waiting requests join while the pool has free rows: their prompt is prefilled (and
+               scored, if asked) into a row of their own
+             every active sequence samples one token (its own random stream, so its text does not
+               depend on what else is in the batch) and turns it into text
+             finished sequences leave at once: <|endoftext|>, a stop string, max_new_tokens, deadline
+             one batched decode step feeds every remaining sequence its new token
+
+`smallgpt sample` calls `step` until its samples are done; the server runs it on a worker thread and
+hands each sequence's text to its HTTP response (`smallgpt.serve`).
+
+The context window: GPT-2's positions are learned absolute embeddings, so every cached key depends on
+where its token sat in the window. A prompt longer than the context keeps its last `block_size` tokens;
+once prompt + output fill a row, its next token is predicted from the last `block_size` tokens by
+recomputing that window -- exactly what the model saw in training, never a shifted cache with stale
+positions. Within the window a token costs one position's work.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict, deque
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+
+import torch
+
+from smallgpt.errors import SmallGPTError
+from smallgpt.generate import RowText, SamplingParams, sample_next_token
+from smallgpt.kvcache import DecodeStep, KVPool
+from smallgpt.model import GPT
+from smallgpt.tokenizer import EOT_ID, encode, get_tokenizer
+
+# A token's score: (token id, log-probability, [(id, log-probability) of the most probable tokens]).
+TokenScore = tuple[int, float, list[tuple[int, float]]]
+
+
+@dataclass(frozen=True)
+class Request:
+    """What to generate. `logprobs`: score each token, with that many top alternatives (None = no
+    scores); `echo`: score the prompt's tokens too (the first has nothing to be predicted from)."""
+
+    prompt: list[int]
+    params: SamplingParams
+    logprobs: int | None = None
+    echo: bool = False
+    deadline: float | None = None  # time.monotonic() after which generation ends ("length")
+
+
+@dataclass
+class Completion:
+    """A finished sequence. `text` is the new text only, cut before a stop string; `token_ids` are all
+    sampled tokens, a final <|endoftext|> or the tokens of a matched stop string included. Scores are
+    log-softmax at temperature 1, whatever the sampling temperature: the model's own probabilities."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (<|endoftext|> or a stop string) or "length"
+    prompt_scores: list[TokenScore | None] | None = None
+    scores: list[TokenScore] | None = None
+
+
+class Sequence:
+    """One request's progress. `delta` is the text it added in the last step; `cancelled` may be set
+    from another thread (the client left): the engine drops it at its next step."""
+
+    def __init__(self, request: Request, device: torch.device):
+        self.request = request
+        seed = request.params.seed if request.params.seed is not None else torch.Generator().seed()
+        self.rng = torch.Generator(device=device).manual_seed(seed % 2**64)
+        self.history = list(request.prompt)  # prompt + generated tokens
+        self.text = RowText(request.params.stop)
+        self.token_ids: list[int] = []
+        self.scores: list[TokenScore] | None = [] if request.logprobs is not None else None
+        self.prompt_scores: list[TokenScore | None] | None = None
+        self.finish_reason: str | None = None
+        self.delta = ""
+        self.cancelled = False
+        self.logits: torch.Tensor | None = None  # next-token scores (vocab,)
+        self.listener = None  # who to tell about new text (the server's queue for this request)
+        self.cached = 0  # tokens in its KV-cache row
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def output(self) -> str:
+        """The text handed out so far (the end of it may be held back while it could start a stop string)."""
+        return self.text.text[: self.text.emitted]
+
+    def add(self, token: int, token_bytes: bytes, now: float) -> None:
+        """Append a sampled token: its text delta, and whether the sequence is now finished."""
+        self.token_ids.append(token)
+        self.history.append(token)
+        params, deadline = self.request.params, self.request.deadline
+        out_of_room = len(self.token_ids) >= params.max_new_tokens or (
+            deadline is not None and now > deadline
+        )
+        ending = token == EOT_ID or out_of_room
+        self.delta = self.text.add(b"" if token == EOT_ID else token_bytes, final=ending)
+        if token == EOT_ID or self.text.stopped:
+            self.finish_reason = "stop"
+        elif out_of_room:
+            self.finish_reason = "length"
+
+    def completion(self) -> Completion:
+        prompt_tokens = len(self.request.prompt)
+        return Completion(
+            self.text.text, self.token_ids, prompt_tokens, self.finish_reason, self.prompt_scores, self.scores
+        )
+
+
+class Engine:
+    """Schedules sequences over a pool of `max_batch` KV-cache rows; see the module docstring.
+
+    Forward passes run in eval mode (no dropout); a model in training mode is put back after each step.
+    One thread runs `step`; others may `enqueue` and set `cancelled`.
+    """
+
+    def __init__(self, model: GPT, max_batch: int = 16, device: str | torch.device | None = None):
+        self.tokenizer = get_tokenizer()
+        if model.config.vocab_size != self.tokenizer.n_vocab:
+            raise SmallGPTError(
+                f"model has a {model.config.vocab_size}-token vocabulary; generation needs GPT-2's "
+                f"{self.tokenizer.n_vocab} (incompatible checkpoint)"
+            )
+        if max_batch < 1:
+            raise SmallGPTError(f"max_batch must be at least 1, got {max_batch}")
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model = model.to(self.device)
+        dtype = next(model.parameters()).dtype
+        self.pool = KVPool(model.config, max_batch, self.device, dtype)
+        self.decode = DecodeStep(self.model, self.pool, graphs=self.device.type == "cuda")
+        self.waiting: deque[Sequence] = deque()
+        self.active: list[Sequence] = []  # active[i] holds pool row i
+
+    @property
+    def capacity(self) -> int:
+        """The context: the most tokens a sequence's next token is predicted from."""
+        return self.pool.capacity
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The prompt's tokens; an empty prompt starts from <|endoftext|>, as GPT-2 documents begin."""
+        return encode(prompt) or [EOT_ID]
+
+    def submit(self, request: Request) -> Sequence:
+        """Queue a request; it joins the batch at the next step with a free row."""
+        sequence = self.prepare(request)
+        self.enqueue([sequence])
+        return sequence
+
+    def prepare(self, request: Request) -> Sequence:
+        if not request.prompt:
+            raise SmallGPTError("empty prompt: give at least one token")
+        return Sequence(request, self.device)
+
+    def enqueue(self, sequences: list[Sequence]) -> None:
+        """Add to the waiting queue; safe from another thread than `step`'s (deque appends are atomic)."""
+        self.waiting.extend(sequences)
+
+    def abandon(self) -> list[Sequence]:
+        """Drop every sequence, waiting or active (after a failed step), and return them."""
+        dropped = list(self.waiting) + self.active
+        self.waiting.clear()
+        self.active.clear()
+        self.pool.lengths.zero_()
+        return dropped
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.active)
+
+    def step(self) -> list[Sequence]:
+        """Advance every sequence by one token; returns those that changed (new text or finished)."""
+        with self._inference():
+            for sequence in [s for s in self.active if s.cancelled]:
+                self._leave(sequence)
+            changed = []
+            while self.waiting and len(self.active) < self.pool.rows:
+                sequence = self.waiting.popleft()
+                if not sequence.cancelled:
+                    self._join(sequence)
+                    changed += [sequence] if sequence.done else []
+            if not self.active:
+                return changed
+            self._sample()
+            changed += self.active
+            for sequence in [s for s in self.active if s.done]:
+                self._leave(sequence)
+            self._advance()
+            return changed
+
+    def generate(self, prompts: list[str], params: SamplingParams) -> list[Completion]:
+        """Complete every prompt (all in one batch); prompt i samples with seed + i."""
+        seed = params.seed if params.seed is not None else torch.Generator().seed()
+        sequences = [
+            self.submit(Request(self.prompt_ids(p), replace(params, seed=seed + i)))
+            for i, p in enumerate(prompts)
+        ]
+        while not all(s.done for s in sequences):
+            self.step()
+        return [s.completion() for s in sequences]
+
+    # --- the steps ---
+
+    def _join(self, sequence: Sequence) -> None:
+        """Prefill a waiting sequence into the next free row (and score its prompt if asked)."""
+        row, request = len(self.active), sequence.request
+        self.active.append(sequence)
+        scoring_only = request.params.max_new_tokens == 0
+        # Only scoring: the last prompt token predicts nothing, so the model need not see it.
+        window = (request.prompt[:-1] if scoring_only else request.prompt)[-self.capacity :]
+        if scoring_only and not request.echo:
+            window = []
+        if window:
+            logits = self.pool.prefill(self.model, row, window, all_logits=request.echo)
+            sequence.cached = len(window)
+            if request.echo:
+                scored = request.prompt[len(request.prompt) - len(window) :][1:]
+                if scoring_only:
+                    scored = request.prompt[-len(window) :]
+                k = request.logprobs or 0
+                scores = self._scores(logits[: len(scored)], scored, k)
+                sequence.prompt_scores = [None] * (len(request.prompt) - len(scores)) + scores
+                logits = logits[-1]
+            sequence.logits = logits
+        elif request.echo:
+            sequence.prompt_scores = [None]
+        if scoring_only:
+            sequence.finish_reason = "length"
+            self._leave(sequence)
+
+    def _sample(self) -> None:
+        """One token per active sequence; sequences with the same sampler settings share one call."""
+        groups = defaultdict(list)
+        for sequence in self.active:
+            groups[sequence.request.params.sampler].append(sequence)
+        now = time.monotonic()
+        for group in groups.values():
+            logits = torch.stack([s.logits for s in group])
+            tokens = sample_next_token(logits, group[0].request.params, [s.rng for s in group]).tolist()
+            wanted = [(i, s) for i, s in enumerate(group) if s.scores is not None]
+            if wanted:
+                rows = [i for i, _ in wanted]
+                k = max(s.request.logprobs for _, s in wanted)
+                scores = self._scores(logits[rows], [tokens[i] for i in rows], k)
+                for (_, s), score in zip(wanted, scores, strict=True):
+                    s.scores.append((score[0], score[1], score[2][: s.request.logprobs]))
+            for sequence, token in zip(group, tokens, strict=True):
+                sequence.add(token, self.tokenizer.decode_single_token_bytes(token), now)
+
+    def _advance(self) -> None:
+        """Feed every active sequence its newest token: one batched decode step for all rows."""
+        if not self.active:
+            return
+        for row, sequence in enumerate(self.active):
+            if sequence.cached == self.capacity:  # window full: recompute it, the newest token aside
+                self.pool.prefill(self.model, row, sequence.history[-self.capacity : -1])
+                sequence.cached = self.capacity - 1
+        tokens = torch.tensor([s.history[-1] for s in self.active], device=self.device)
+        logits = self.decode(tokens)
+        for sequence, row_logits in zip(self.active, logits, strict=True):
+            sequence.logits = row_logits
+            sequence.cached += 1
+
+    def _leave(self, sequence: Sequence) -> None:
+        """Free a sequence's row; the last active sequence moves into it, so rows stay packed."""
+        row, last = self.active.index(sequence), len(self.active) - 1
+        if row != last:
+            self.pool.move_row(last, row)
+            self.active[row] = self.active[last]
+        else:
+            self.pool.clear_row(row)
+        self.active.pop()
+        sequence.logits = None
+
+    @staticmethod
+    def _scores(logits: torch.Tensor, tokens: list[int], k: int) -> list[TokenScore]:
+        """log_softmax of each row of `logits` (T, vocab) at tokens[t], with the k most probable."""
+        logprobs = logits.float().log_softmax(dim=-1)
+        chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
+        if k == 0:
+            return [(t, lp, []) for t, lp in zip(tokens, chosen, strict=True)]
+        top_values, top_ids = (x.tolist() for x in logprobs.topk(k, dim=-1))
+        return [
+            (t, lp, list(zip(ids, values, strict=True)))
+            for t, lp, ids, values in zip(tokens, chosen, top_ids, top_values, strict=True)
+        ]
+
+    @contextmanager
+    def _inference(self):
+        """Inference mode and eval mode (no dropout); a model in training mode is put back."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                yield
+        finally:
+            self.model.train(was_training)

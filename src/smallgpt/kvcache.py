@@ -1,0 +1,168 @@
+"""The KV cache: every layer's keys and values of the sequences being generated, in one preallocated pool.
+
+    pool.keys / pool.values   (n_layer, rows, n_head, block_size, head_dim), allocated once
+    pool.lengths              (rows,) tokens cached per row; row r's token t sits at slot t
+
+A sequence owns one row while it generates. `prefill` runs a prompt (or a recomputed window) through
+the model into a row; `DecodeStep` runs one new token for each of rows 0..n-1 at once: each writes its
+keys and values at its own next slot and attends over its own cached slots under a mask. Because the
+scheduler keeps the active sequences in rows 0..n-1 (`move_row` fills a freed row with the last one),
+a decode step always covers a prefix of the pool, which is what lets CUDA graphs be recorded once per
+batch size. This module is the only one that knows the cache's layout; the model sees just an object
+with one `attend(q, k, v)` per layer (see `GPT.forward_cached`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from smallgpt.config import ModelConfig
+
+
+class KVPool:
+    """Keys and values for `rows` sequences of up to block_size tokens each, never reallocated."""
+
+    def __init__(self, config: ModelConfig, rows: int, device=None, dtype=torch.float32):
+        shape = (config.n_layer, rows, config.n_head, config.block_size, config.head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
+        self.slots = torch.arange(config.block_size, device=device)
+
+    @property
+    def rows(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[3]
+
+    def prefill(self, model, row: int, ids: list[int], all_logits: bool = False) -> torch.Tensor:
+        """Run `ids` (at most block_size tokens) into `row`, replacing what it held.
+
+        Returns the logits after the last token (vocab,), or after every token (len(ids), vocab).
+        """
+        idx = torch.tensor([ids], device=self.keys.device)
+        positions = torch.arange(len(ids), device=idx.device)[None]
+        logits = model.forward_cached(idx, positions, _PrefillView(self, row), last_only=not all_logits)
+        self.lengths[row] = len(ids)
+        return logits[0]
+
+    def move_row(self, source: int, target: int) -> None:
+        """Copy row `source` into row `target` and empty `source` (the scheduler keeps rows packed)."""
+        self.keys[:, target] = self.keys[:, source]
+        self.values[:, target] = self.values[:, source]
+        self.lengths[target] = self.lengths[source]
+        self.lengths[source] = 0
+
+    def clear_row(self, row: int) -> None:
+        self.lengths[row] = 0
+
+
+class _PrefillView:
+    """The cache as `forward_cached` sees it during a prefill: one row, T new tokens from slot 0."""
+
+    def __init__(self, pool: KVPool, row: int):
+        self.layers = [_PrefillLayer(pool, layer, row) for layer in range(pool.keys.shape[0])]
+
+
+class _PrefillLayer:
+    def __init__(self, pool: KVPool, layer: int, row: int):
+        self.keys = pool.keys[layer, row : row + 1]
+        self.values = pool.values[layer, row : row + 1]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        T = k.shape[2]
+        self.keys[:, :, :T] = k
+        self.values[:, :, :T] = v
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # the prompt attends to itself
+
+
+class _DecodeView:
+    """The cache as `forward_cached` sees it during a decode step: rows 0..n-1, one new token each."""
+
+    def __init__(self, pool: KVPool, n: int):
+        lengths = pool.lengths[:n]
+        # Each row's new token sits at slot lengths[r] and sees slots 0..lengths[r]: (n, 1, 1, block_size).
+        self.mask = (pool.slots[None, :] <= lengths[:, None])[:, None, None, :]
+        self.write_at = lengths[:, None, None, None]
+        self.layers = [_DecodeLayer(self, pool, layer, n) for layer in range(pool.keys.shape[0])]
+
+
+class _DecodeLayer:
+    def __init__(self, view: _DecodeView, pool: KVPool, layer: int, n: int):
+        self.view = view
+        self.keys = pool.keys[layer, :n]
+        self.values = pool.values[layer, :n]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        where = self.view.write_at.expand(k.shape)  # (n, n_head, 1, head_dim): row r's slot lengths[r]
+        self.keys.scatter_(2, where, k)
+        self.values.scatter_(2, where, v)
+        return F.scaled_dot_product_attention(q, self.keys, self.values, attn_mask=self.view.mask)
+
+
+def bucket(n: int, rows: int) -> int:
+    """The batch size a CUDA decode step for n busy rows runs at: the next power of two, at most `rows`.
+    One graph per bucket (about log2(rows) + 1 of them) instead of one per batch size."""
+    return min(rows, 1 << (n - 1).bit_length())
+
+
+class DecodeStep:
+    """One new token for each of pool rows 0..n-1 -> their next-token logits (n, vocab).
+
+    Batch invariance: a matmul's rounding depends on how many rows it multiplies (BLAS picks another
+    kernel for 1 row than for 16), and one ulp in the logits moves a sampled token now and then. So a
+    step does not run at n rows: without buckets it always runs at every row of the pool, and a row's
+    arithmetic never depends on how many others are busy -- a seeded request gets the same text alone
+    or in a full batch. Rows past n are free (length 0): they compute on a stale token and write only
+    their own slot 0, which the next prefill of that row overwrites.
+
+    On CUDA a small model is bound by launching ~100 tiny kernels per token, not by arithmetic, so each
+    step is recorded as a CUDA graph and replayed with a single launch (the pool never moves and a
+    step's shapes are fixed: one token per row, attention over every slot under a mask). There steps
+    run at buckets of rows (powers of two, one graph each), as a 64-row pool would waste most of a step
+    on one request; a seeded text is then the same within a bucket. `buckets=True` runs the padded
+    bucket sizes eagerly, so they can be checked on a CPU.
+    """
+
+    def __init__(self, model, pool: KVPool, graphs: bool = False, buckets: bool | None = None):
+        self.model, self.pool, self.graphs = model, pool, graphs
+        self.buckets = graphs if buckets is None else buckets
+        self.tokens = pool.lengths.new_zeros(pool.rows, 1)  # static input buffer (rows, 1)
+        self.recorded: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def size(self, n: int) -> int:
+        """How many rows a step for n busy rows computes."""
+        return bucket(n, self.pool.rows) if self.buckets else self.pool.rows
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        n = tokens.shape[0]
+        size = self.size(n)
+        self.tokens[:n, 0] = tokens
+        if self.graphs:
+            graph, logits = self.recorded.get(size) or self._record(size)
+            graph.replay()
+        else:
+            logits = self._run(size)
+        self.pool.lengths[:n] += 1
+        return logits[:n]
+
+    def _run(self, size: int) -> torch.Tensor:
+        positions = self.pool.lengths[:size, None]  # a row's new token sits at position = its length
+        return self.model.forward_cached(self.tokens[:size], positions, _DecodeView(self.pool, size))
+
+    def _record(self, size: int):
+        # Warm up on a side stream, as capturing requires; the warm-up writes each row's next slot, which
+        # the replay right after overwrites (lengths only move outside the graph, in __call__).
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._run(size)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # records the kernels; nothing runs
+            logits = self._run(size)
+        self.recorded[size] = (graph, logits)
+        return graph, logits

@@ -1,0 +1,150 @@
+"""The engine's scheduling against independent references: each request run alone, the model's own
+log-softmax over the whole prompt, and unpadded decode steps."""
+
+import time
+
+import pytest
+import torch
+from test_generate import LONG_PROMPT, one_thread, small_model  # noqa: F401 (one_thread: autouse)
+
+from smallgpt.engine import Engine, Request
+from smallgpt.generate import SamplingParams
+from smallgpt.kvcache import DecodeStep, KVPool, bucket
+from smallgpt.tokenizer import encode
+
+
+@pytest.fixture(scope="module")
+def model():
+    return small_model()
+
+
+def mixed_requests() -> list[Request]:
+    """16 requests unlike each other: prompt lengths (past the 32-token context too), lengths, stop
+    strings, sampler settings, seeds."""
+    prompts = ["Hi", LONG_PROMPT, "A much longer opening line, of a dozen tokens or so", "x"]
+    samplers = [dict(), dict(temperature=0), dict(top_k=5), dict(top_p=0.8, temperature=0.7)]
+    stops = [(), ("e",), ("the", "an"), ()]
+    return [
+        Request(
+            encode(prompts[i % 4]),
+            SamplingParams(6 + 2 * i, seed=100 + i, stop=stops[i // 4], **samplers[i // 4 % 4]),
+        )
+        for i in range(16)
+    ]
+
+
+def complete(engine: Engine, requests: list[Request], join_every: int | None = None):
+    """Submit all requests at once, or one more every `join_every` steps; step until all are done."""
+    sequences, pending, step = [], list(requests), 0
+    while pending or not all(s.done for s in sequences):
+        if pending and join_every is None:
+            sequences += [engine.submit(r) for r in pending]
+            pending = []
+        elif pending and step % join_every == 0:
+            sequences.append(engine.submit(pending.pop(0)))
+        engine.step()
+        step += 1
+    return [s.completion() for s in sequences]
+
+
+def test_seeded_text_is_the_same_alone_and_in_a_batch_of_16(model):
+    requests = mixed_requests()
+    engine = Engine(model, max_batch=16)
+    alone = [complete(engine, [r])[0] for r in requests]
+    assert complete(Engine(model, max_batch=16), requests) == alone
+    assert {c.finish_reason for c in alone} == {"stop", "length"}  # both kinds of ending happened
+    assert len({len(c.token_ids) for c in alone}) > 4  # sequences left the batch at different steps
+    # Joining between steps (continuous batching) changes nothing either.
+    assert complete(Engine(model, max_batch=16), requests, join_every=3) == alone
+
+
+def test_requests_beyond_the_pool_wait_for_a_row(model):
+    requests = mixed_requests()[::3]
+    engine = Engine(model, max_batch=2)
+    alone = [complete(engine, [r])[0] for r in requests]
+    sequences = [engine.submit(r) for r in requests]
+    engine.step()
+    assert len(engine.active) == 2 and len(engine.waiting) == len(requests) - 2
+    while engine.busy:
+        engine.step()
+        assert len(engine.active) <= 2
+    assert [s.completion() for s in sequences] == alone
+
+
+def test_a_cancelled_sequence_leaves_at_the_next_step_and_others_go_on(model):
+    requests = mixed_requests()[:4]
+    engine = Engine(model, max_batch=4)
+    alone = [complete(engine, [r])[0] for r in requests]
+    sequences = [engine.submit(r) for r in requests]
+    engine.step()
+    sequences[0].cancelled = True  # its client left (the server sets this from the event loop)
+    engine.step()
+    assert sequences[0] not in engine.active and len(engine.active) == 3
+    assert int(engine.pool.lengths[3]) == 0  # the freed row was refilled by the last one: rows stay packed
+    while engine.busy:
+        engine.step()
+    assert [s.completion() for s in sequences[1:]] == alone[1:]
+
+
+def test_a_deadline_ends_generation_with_what_it_has(model):
+    engine = Engine(model, max_batch=2)
+    late = engine.submit(Request(encode("Hello"), SamplingParams(50, seed=1), deadline=time.monotonic() - 1))
+    while engine.busy:
+        engine.step()
+    assert late.completion().finish_reason == "length" and len(late.token_ids) == 1
+
+
+def test_echoed_scores_are_the_models_log_softmax_at_every_prompt_position(model):
+    prompt = encode(LONG_PROMPT)[:33]  # the whole 32-token context is seen, plus the last token scored
+    with torch.no_grad():
+        reference = model(torch.tensor([prompt[:-1]]))[0].log_softmax(-1)  # predicts prompt[1:]
+    engine = Engine(model, max_batch=2)
+    for max_new_tokens, scored in [(0, prompt), (3, prompt[:32])]:  # to generate, the prompt must fit
+        request = Request(
+            scored, SamplingParams(max_new_tokens, temperature=0.5, seed=0), logprobs=5, echo=True
+        )
+        [done] = complete(engine, [request])
+        assert done.prompt_scores[0] is None and len(done.prompt_scores) == len(scored)
+        for t, (token, logprob, top) in enumerate(done.prompt_scores[1:]):
+            assert token == scored[t + 1]
+            assert logprob == pytest.approx(reference[t, token].item(), abs=1e-5)
+            values, ids = reference[t].topk(5)
+            assert [i for i, _ in top] == ids.tolist()
+            assert [v for _, v in top] == pytest.approx(values.tolist(), abs=1e-5)
+        assert len(done.token_ids) == max_new_tokens
+
+
+def test_generated_tokens_are_scored_at_temperature_1_whatever_the_sampling_temperature(model):
+    prompt = encode("Once upon a time")
+    request = Request(prompt, SamplingParams(45, temperature=0.5, seed=3), logprobs=2)
+    [done] = complete(Engine(model, max_batch=2), [request])
+    ids = prompt + done.token_ids
+    with torch.no_grad():
+        for t, (token, logprob, top) in enumerate(done.scores):  # 45 tokens: past the context too
+            window = ids[: len(prompt) + t][-model.config.block_size :]
+            reference = model(torch.tensor([window]))[0, -1].log_softmax(-1)
+            assert token == done.token_ids[t]
+            assert logprob == pytest.approx(reference[token].item(), abs=1e-4)
+            assert [i for i, _ in top] == reference.topk(2).indices.tolist()
+
+
+def test_scoring_only_a_one_token_prompt_has_nothing_to_score(model):
+    [done] = complete(Engine(model), [Request(encode("Hi"), SamplingParams(0), logprobs=1, echo=True)])
+    assert done.prompt_scores == [None] and done.token_ids == [] and done.finish_reason == "length"
+
+
+def test_decode_steps_padded_to_buckets_equal_unpadded_steps(model):
+    assert [bucket(n, 64) for n in (1, 2, 3, 5, 9, 16, 17, 64)] == [1, 2, 4, 8, 16, 16, 32, 64]
+    assert [bucket(n, 12) for n in (3, 9, 12)] == [4, 12, 12]
+    prompts = [encode(p) for p in ("Hi", "The meaning of life", "x y z", "Once upon a time there was")]
+    logits = []
+    for buckets in (False, True):
+        pool = KVPool(model.config, 8, dtype=torch.float32)
+        step = DecodeStep(model, pool, buckets=buckets)
+        with torch.no_grad():
+            for row, ids in enumerate(prompts[:3]):  # 3 busy rows: a bucket of 4, a pool of 8
+                pool.prefill(model, row, ids)
+            assert step.size(3) == (4 if buckets else 8)
+            logits.append(torch.cat([step(torch.tensor([11, 12, 13])) for _ in range(3)]))
+        assert pool.lengths.tolist() == [len(p) + 3 for p in prompts[:3]] + [0] * 5
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=0)
