@@ -12,7 +12,6 @@ from training_helpers import (
     cli_args,
     final_weights,
     metrics,
-    single_thread,  # noqa: F401 (an autouse fixture)
     tiny_run,
     write_data,
 )

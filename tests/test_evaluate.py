@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from training_helpers import (
     metrics,
-    single_thread,  # noqa: F401 (an autouse fixture)
     smallgpt,
     tiny_run,
     write_data,

@@ -2,21 +2,19 @@
 
 import dataclasses
 import json
-import sys
 
 import pytest
 import torch
+from conftest import smallgpt
 from safetensors.torch import load_file, save_file
-from test_cli import smallgpt
 from test_model import SMALL, hf_gpt2
 
 from smallgpt.checkpoint import load_model, save_weights
-from smallgpt.cli import main
 from smallgpt.config import ModelConfig
 from smallgpt.engine import Engine
 from smallgpt.errors import SmallGPTError
 from smallgpt.generate import SamplingParams
-from smallgpt.interop import export_to_hf, hf_config_from, import_from_hf, state_dict_to_hf
+from smallgpt.interop import EXPORT_FILES, export_to_hf, hf_config_from, import_from_hf, state_dict_to_hf
 from smallgpt.model import GPT
 from smallgpt.tokenizer import EOT_ID, encode
 
@@ -122,16 +120,7 @@ def test_export_loads_cleanly_in_transformers(tmp_path):
     assert result[0]["generated_text"].startswith(PROMPT)
 
 
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """`smallgpt ARGS` in this process (a new one spends seconds importing torch): code, stdout, stderr."""
-    monkeypatch.setattr(sys, "argv", ["smallgpt", *args])
-    with pytest.raises(SystemExit) as exited:
-        main()
-    captured = capsys.readouterr()
-    return exited.value.code, captured.out, captured.err
-
-
-def test_greedy_text_of_export_equals_smallgpt_sample(tmp_path, monkeypatch, capsys):
+def test_greedy_text_of_export_equals_smallgpt_sample(tmp_path, cli):
     # A random GPT-2 with large weights: its greedy text varies, unlike the repetition small init gives.
     hf = hf_gpt2(seed=3)
     with torch.no_grad():
@@ -139,13 +128,9 @@ def test_greedy_text_of_export_equals_smallgpt_sample(tmp_path, monkeypatch, cap
             if param.dim() == 2:
                 param.normal_(0, 0.3)
     write_hf_dir(hf, tmp_path / "original", "save_pretrained")
-    code, out, _ = run_cli(
-        monkeypatch, capsys, "import", str(tmp_path / "original"), "--out", str(tmp_path / "run")
-    )
+    code, out, _ = cli("import", str(tmp_path / "original"), "--out", str(tmp_path / "run"))
     assert code == 0 and "smallgpt sample" in out
-    code, out, _ = run_cli(
-        monkeypatch, capsys, "export", str(tmp_path / "run"), "--out", str(tmp_path / "export")
-    )
+    code, out, _ = cli("export", str(tmp_path / "run"), "--out", str(tmp_path / "export"))
     assert code == 0 and "from_pretrained" in out
 
     sample = smallgpt(
@@ -230,19 +215,19 @@ def bad_inputs(tmp_path_factory):
         (["import", "model.safetensors"], "is a file; give the Hugging Face model directory that holds it"),
         (["import", "gpt2", "--out", "gpt2", "--force"], "is the directory being imported: pick another"),
         (["export", "nobias.safetensors"], "cannot export to GPT-2: bias=False"),
+        (["export", "model.safetensors", "--out", "taken"], "taken already exists (use --force"),
+        (["import", "gpt2", "--out", "taken"], "taken already exists (use --force"),
         (
-            ["export", "model.safetensors", "--out", "taken"],
-            "taken already exists (use --force to replace it)",
+            ["export", "model.safetensors", "--out", "taken/notes.txt", "--force"],
+            "is a file, not a directory",
         ),
-        (["export", "model.safetensors", "--out", "taken", "--force"], "refusing to replace"),
+        (["import", "gpt2", "--out", "taken/notes.txt", "--force"], "is a file, not a directory"),
     ],
 )
-def test_refusals_are_one_line_and_write_nothing(bad_inputs, tmp_path, monkeypatch, capsys, args, message):
+def test_refusals_are_one_line_and_write_nothing(bad_inputs, tmp_path, cli, args, message):
     command, source, *rest = args
     out = [str(bad_inputs / rest[1])] if rest else [str(tmp_path / "out")]
-    code, stdout, err = run_cli(
-        monkeypatch, capsys, command, str(bad_inputs / source), "--out", *out, *rest[2:]
-    )
+    code, stdout, err = cli(command, str(bad_inputs / source), "--out", *out, *rest[2:])
     assert code == 1 and "this ran" not in stdout
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
     assert message in err
@@ -250,9 +235,9 @@ def test_refusals_are_one_line_and_write_nothing(bad_inputs, tmp_path, monkeypat
     assert [p.name for p in (bad_inputs / "taken").iterdir()] == ["notes.txt"]
 
 
-def test_hub_model_id_offline_is_refused_with_the_reason(tmp_path, monkeypatch, capsys):
+def test_hub_model_id_offline_is_refused_with_the_reason(tmp_path, monkeypatch, cli):
     monkeypatch.chdir(tmp_path)  # the id is then no local path; conftest keeps the Hub offline
-    code, _, err = run_cli(monkeypatch, capsys, "import", "smallgpt-tests/no-such-model", "--out", "run")
+    code, _, err = cli("import", "smallgpt-tests/no-such-model", "--out", "run")
     assert code == 1 and len(err.strip().splitlines()) == 1
     assert (
         "smallgpt-tests/no-such-model is not a local directory, and the Hugging Face Hub lookup failed" in err
@@ -266,10 +251,25 @@ def test_refusal_in_a_real_process_has_no_traceback(bad_inputs, tmp_path):
     assert result.stderr.startswith("error: not a GPT-2 model") and len(result.stderr.splitlines()) == 1
 
 
-def test_force_replaces_a_previous_export_atomically(tmp_path):
+def test_force_replaces_only_the_files_the_command_writes(tmp_path, monkeypatch):
     save_weights(random_smallgpt(), tmp_path / "model.safetensors")
     export_to_hf(tmp_path / "model.safetensors", tmp_path / "hf")
-    (tmp_path / "hf" / "stale.txt").write_text("from an older export")
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == sorted(EXPORT_FILES)
+    (tmp_path / "hf" / "notes.txt").write_text("the user's")
+    (tmp_path / "hf" / "config.json").write_text("{}")  # ours: replaced
     export_to_hf(tmp_path / "model.safetensors", tmp_path / "hf", force=True)
-    assert not (tmp_path / "hf" / "stale.txt").exists() and (tmp_path / "hf" / "model.safetensors").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "model.safetensors"]  # no temp dirs left
+    assert (tmp_path / "hf" / "notes.txt").read_text() == "the user's"
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "gpt2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "model.safetensors"]  # no temporaries left
+    # `--out .` into a working directory: everything that was there stays, byte for byte.
+    work = tmp_path / "work"
+    (work / "src").mkdir(parents=True)
+    (work / "src" / "a.py").write_text("print(1)")
+    (work / "notes.txt").write_text("keep")
+    monkeypatch.chdir(work)
+    export_to_hf(tmp_path / "model.safetensors", ".", force=True)
+    import_from_hf(".", "imported", force=True)
+    import_from_hf(".", "imported", force=True)
+    assert (work / "src" / "a.py").read_text() == "print(1)" and (work / "notes.txt").read_text() == "keep"
+    assert sorted(p.name for p in work.iterdir()) == sorted([*EXPORT_FILES, "imported", "notes.txt", "src"])
+    assert [p.name for p in (work / "imported").iterdir()] == ["model.safetensors"]

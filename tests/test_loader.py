@@ -1,11 +1,13 @@
 """The loader: memory-mapped splits, counter-based random batches (resume, DDP), sequential passes."""
 
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
 
+from smallgpt import loader
 from smallgpt.errors import SmallGPTError
 from smallgpt.loader import RandomBatches, load_split, sequential_batches
 
@@ -45,6 +47,37 @@ def test_load_split_rejects_bad_files(tmp_path, setup, split, message):
     setup(tmp_path)
     with pytest.raises(SmallGPTError, match=message):
         load_split(tmp_path, split)
+
+
+def test_ids_beyond_the_vocabulary_are_refused_when_the_split_is_opened(tmp_path, monkeypatch):
+    TOKENS.tofile(tmp_path / "train.bin")  # ids 0..10000
+    assert len(load_split(tmp_path, "train", vocab_size=10_001)) == len(TOKENS)
+    with pytest.raises(
+        SmallGPTError, match="holds token id 10000, but the model's vocabulary has only 10000"
+    ):
+        load_split(tmp_path, "train", vocab_size=10_000)
+    # The scan reads in chunks: a large id in the last chunk is found too.
+    monkeypatch.setattr(loader, "SCAN_CHUNK", 1000)
+    with pytest.raises(SmallGPTError, match="holds token id 10000"):
+        load_split(tmp_path, "train", vocab_size=10_000)
+
+
+def test_meta_json_spares_the_scan_only_for_the_file_it_describes(tmp_path):
+    TOKENS.tofile(tmp_path / "train.bin")  # ids up to 10000
+    # A meta.json that understates the largest id: believed (no scan) while it describes the file...
+    meta = {"splits": {"train": {"tokens": len(TOKENS), "max_token_id": 5}}}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    assert len(load_split(tmp_path, "train", vocab_size=500)) == len(TOKENS)
+    # ...but not once the file is newer than meta.json (rewritten since it was prepared)...
+    os.utime(tmp_path / "meta.json", (0, 0))
+    with pytest.raises(SmallGPTError, match="holds token id 10000"):
+        load_split(tmp_path, "train", vocab_size=500)
+    # ...or has another length (random bytes written over it): then the file itself is scanned.
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    np.random.default_rng(0).integers(0, 600, 5000, dtype=np.uint16).tofile(tmp_path / "train.bin")
+    os.utime(tmp_path / "train.bin", (0, 0))
+    with pytest.raises(SmallGPTError, match="holds token id 599"):
+        load_split(tmp_path, "train", vocab_size=500)
 
 
 def test_random_batches_are_shifted_windows_of_the_stream():

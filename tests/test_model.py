@@ -71,11 +71,32 @@ def test_causality_future_tokens_do_not_change_past_logits():
 
 
 def test_padded_vocabulary_ids_never_get_probability():
+    """Make the 47 padding rows of the tied embedding/head huge, so that any leak would dominate;
+    they still never get probability (logits, loss) and are never sampled."""
+    from smallgpt.generate import Generator, SamplingParams
+
+    torch.manual_seed(0)
     model = GPT(ModelConfig(**SMALL, vocab_multiple=64)).eval()
-    assert model.lm_head.weight.shape[0] == 50304
+    V = SMALL["vocab_size"]
     with torch.no_grad():
-        logits = model(torch.randint(0, 50257, (1, 8)))
-    assert logits.shape[-1] == 50257
+        model.lm_head.weight[V:] = 1e3 * torch.randn(50304 - V, SMALL["n_embd"])
+    idx = torch.randint(0, V, (2, 16))
+    with torch.no_grad():
+        hidden = model.hidden_states(idx)
+        unmasked = hidden @ model.lm_head.weight.T  # what an unsliced head would score
+        assert (unmasked.argmax(-1) >= V).all()  # the padding would win every position
+        logits = model(idx)
+        assert logits.shape[-1] == V
+        torch.testing.assert_close(logits, unmasked[..., :V])
+        # The loss normalises over the real ids only: equal to cross-entropy on the sliced logits.
+        targets = torch.randint(0, V, (2, 16))
+        expected = F.cross_entropy(unmasked[..., :V].flatten(0, 1), targets.flatten())
+        torch.testing.assert_close(model(idx, targets), expected)
+    completions = Generator(model).generate(
+        ["The", "A padded vocabulary", ""], SamplingParams(max_new_tokens=32, temperature=2.0, seed=1)
+    )
+    sampled = [token for completion in completions for token in completion.token_ids]
+    assert len(sampled) >= 3 and max(sampled) < V
 
 
 def test_gpt2_initialisation():

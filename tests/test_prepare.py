@@ -6,14 +6,13 @@ Token counts are checked against direct tiktoken calls (`encode_ordinary` per do
 import gzip
 import json
 import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import smallgpt
 
 from smallgpt import prepare, sources
 from smallgpt.errors import SmallGPTError
@@ -158,6 +157,40 @@ def test_hub_dataset_path_honours_subset_split_and_text_field(tmp_path, monkeypa
     assert np.array_equal(read_bin(tmp_path / "small" / "train.bin"), expected_tokens(DOCS[:15]))
 
 
+def test_a_hub_dataset_with_a_loading_script_is_read_from_its_parquet_export(tmp_path, monkeypatch):
+    """`datasets` >= 4 refuses openwebtext's loading script; prepare retries the Hub's Parquet export
+    (a fake Hub here: the first call fails as datasets does, the retry streams a local file)."""
+    import datasets
+
+    write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    real_load, calls = datasets.load_dataset, []
+
+    def fake_hub(path, **kwargs):
+        calls.append((path, kwargs.get("revision")))
+        if kwargs.get("revision") != "refs/convert/parquet":
+            raise RuntimeError("Dataset scripts are no longer supported, but found openwebtext.py")
+        del kwargs["revision"], kwargs["name"]
+        return real_load("json", data_files=str(tmp_path / "docs.jsonl"), **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_hub)
+    monkeypatch.setattr(sources, "_check_hub_dataset", lambda name: None)
+    prepare_corpus("openwebtext", tmp_path / "out", val_fraction=0, show_progress=False)
+    assert calls == [("Skylion007/openwebtext", None), ("Skylion007/openwebtext", "refs/convert/parquet")]
+    assert np.array_equal(read_bin(tmp_path / "out" / "train.bin"), expected_tokens(DOCS))
+
+    def no_export_either(path, **kwargs):  # other failures, and a failed retry, are one line, once
+        calls.append(kwargs.get("revision"))
+        raise RuntimeError("Dataset scripts are no longer supported, but found x.py\nmore detail")
+
+    calls.clear()
+    monkeypatch.setattr(datasets, "load_dataset", no_export_either)
+    with pytest.raises(
+        SmallGPTError, match=r"^cannot load openwebtext: Dataset scripts are no longer supported, .*x.py$"
+    ):
+        prepare_corpus("openwebtext", tmp_path / "none", show_progress=False)
+    assert calls == [None, "refs/convert/parquet"] and not (tmp_path / "none").exists()
+
+
 def test_statistics_match_an_independent_count(tmp_path):
     source, _ = make_source("jsonl", tmp_path)
     meta = prepare_corpus(
@@ -171,6 +204,7 @@ def test_statistics_match_an_independent_count(tmp_path):
         assert stats["tokens"] == len(ids)
         assert stats["unique_tokens"] == len(np.unique(ids))
         assert stats["samples"] == (len(ids) - 1) // 32
+        assert stats["max_token_id"] == int(ids.max())  # lets training check ids without a scan
     assert meta["total"] == {
         "documents": len(DOCS),
         "tokens": len(everything),
@@ -278,12 +312,6 @@ def test_bad_input_raises_one_clear_error_and_writes_nothing(tmp_path, kind):
         prepare_corpus(source, out, show_progress=False, **options)
     assert "\n" not in str(error.value)
     assert not out.exists()
-
-
-def smallgpt(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "smallgpt", *args], capture_output=True, text=True, timeout=120
-    )
 
 
 @pytest.mark.parametrize("kind", ["missing path", "unknown dataset offline", "a line without the text field"])

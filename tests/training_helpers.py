@@ -1,40 +1,22 @@
 """Small, fast training set-ups shared by the training, checkpoint, DDP and evaluation tests.
 
-The data is a learnable synthetic stream over a 97-token alphabet (each token is the previous one plus
-1, 2 or 3, mod 97), so a 1-layer model with a 128-row vocabulary learns it in a few dozen updates:
-the loss falls from ln(128) ~ 4.85 towards ln(3) ~ 1.10.
+The data is conftest's `write_data` stream over a 97-token alphabet (each token is the previous one
+plus 1, 2 or 3, mod 97), so a 1-layer model with a 128-row vocabulary learns it in a few dozen
+updates: the loss falls from ln(128) ~ 4.85 towards ln(3) ~ 1.10.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
+from conftest import ONE_THREAD_ENV, REPO, smallgpt, write_data  # noqa: F401 (used here and re-exported)
 from safetensors.torch import load_file
 
 from smallgpt.recipe import resolve_config
-
-REPO = Path(__file__).resolve().parents[1]
-# One thread everywhere: these models are too small to gain from more, runs in and out of the test
-# process then do identical arithmetic, and a busy machine cannot stall a thread team.
-ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Import this fixture into a test module to run its tests on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # A model and recipe small enough that an update takes milliseconds on a CPU.
 TINY_SETTINGS = {
@@ -59,15 +41,6 @@ TINY_SETTINGS = {
 }
 
 
-def write_data(directory: Path, train_tokens: int = 20_000, val_tokens: int = 2_000) -> Path:
-    """A prepared-data directory (train.bin, val.bin) holding the synthetic stream."""
-    directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for split, count in (("train", train_tokens), ("val", val_tokens)):
-        (np.cumsum(rng.integers(1, 4, count)) % 97).astype(np.uint16).tofile(directory / f"{split}.bin")
-    return directory
-
-
 def tiny_run(**changes):
     """The tiny RunConfig with `changes` applied (any model or training field)."""
     return resolve_config(overrides={**TINY_SETTINGS, **changes})
@@ -76,18 +49,6 @@ def tiny_run(**changes):
 def cli_args(**changes) -> list[str]:
     """The same settings as `key=value` words for `smallgpt train`."""
     return [f"{key}={value}" for key, value in {**TINY_SETTINGS, **changes}.items()]
-
-
-def smallgpt(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    """Run `python -m smallgpt ARGS` to completion, capturing its output."""
-    return subprocess.run(
-        [sys.executable, "-m", "smallgpt", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=ONE_THREAD_ENV,
-        **kwargs,
-    )
 
 
 def start_smallgpt(*args: str) -> subprocess.Popen:

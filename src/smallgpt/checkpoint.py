@@ -9,17 +9,19 @@ Run directory layout (written by `smallgpt train`):
                                     /trainer.pt            AdamW moments, gradient-scaler state (tensors)
                                     /state.json            step, data-sampler position, best val loss, config
     RUN_DIR/best/model.safetensors, best/state.json        the weights with the lowest validation loss
-Each checkpoint directory is written whole under a temporary name and renamed into place, so a run
-killed at any instant leaves every previous checkpoint intact. `trainer.pt` holds only tensors and
+Each checkpoint directory is written whole under a temporary name, flushed to disk and renamed into
+place (`smallgpt.files`), so a run killed at any instant, or a power loss, leaves every previous
+checkpoint intact. A weights file too small for the config it claims is refused before the model is
+built, so a crafted file cannot demand a huge allocation. `trainer.pt` holds only tensors and
 plain containers and is read with `torch.load(weights_only=True)`, which refuses anything else.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -27,7 +29,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from smallgpt.config import ModelConfig
-from smallgpt.errors import SmallGPTError
+from smallgpt.errors import SmallGPTError, first_line, os_reason
+from smallgpt.files import atomic_write_dir, make_dir, remove_temporaries
 from smallgpt.model import GPT
 
 WEIGHTS_NAME = "model.safetensors"
@@ -36,27 +39,16 @@ STATE_NAME = "state.json"
 CONFIG_KEY = "smallgpt_model_config"
 
 
-def atomic_write_dir(final: Path, write) -> None:
-    """Call `write(tmp_dir)`, then move tmp_dir to `final` so readers never see a half-written dir."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        write(tmp)
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save_weights(model: GPT, path: Path) -> None:
     """Write the model's weights and config to one safetensors file (tied head stored once)."""
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    state = {k: v.detach().contiguous() for k, v in _stored(model.state_dict()).items()}
     metadata = {CONFIG_KEY: json.dumps(model.config.to_dict())}
     save_file(state, str(path), metadata=metadata)
+
+
+def _stored(state: dict) -> dict:
+    """The entries of a state dict that a weights file holds: the tied head is the embedding."""
+    return {name: value for name, value in state.items() if name != "lm_head.weight"}
 
 
 def resolve_weights(path: str | Path) -> Path:
@@ -83,7 +75,47 @@ def read_model_config(weights: Path) -> ModelConfig:
         raise SmallGPTError(f"{weights} is not a readable safetensors file ({exc})") from None
     if CONFIG_KEY not in metadata:
         raise SmallGPTError(f"{weights} has no SmallGPT model config (not a SmallGPT checkpoint)")
-    return ModelConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
+    try:
+        values = json.loads(metadata[CONFIG_KEY])
+    except ValueError:
+        raise SmallGPTError(f"{weights} has a damaged model config (not JSON)") from None
+    if not isinstance(values, dict):
+        raise SmallGPTError(f"{weights} has a damaged model config (not a JSON object)")
+    return ModelConfig.from_dict(values)
+
+
+def least_parameters(config: ModelConfig) -> int:
+    """A lower bound on the parameters `config` implies, computed without building anything: the
+    (padded) embedding, and at least one n_embd x n_embd matrix per layer (GPT-2's layer has 12)."""
+    return config.padded_vocab_size * config.n_embd + config.n_layer * config.n_embd**2
+
+
+def check_weights_fit(weights: Path, config: ModelConfig) -> None:
+    """Refuse, before building the model, a file too small for its config (read from its header).
+
+    A crafted file of a few bytes could otherwise claim a config that makes us allocate terabytes:
+    the model built from a file that passes is at most ~13x the file's own size. Exact names and
+    shapes are then checked by `load_state_dict`.
+    """
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            stored = sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())  # noqa: SIM118
+    except (SafetensorError, OSError) as exc:
+        raise SmallGPTError(f"{weights} is not a readable safetensors file ({exc})") from None
+    if stored < least_parameters(config):
+        raise SmallGPTError(
+            f"weights in {weights} do not match their config: it needs at least "
+            f"{least_parameters(config):,} parameters, the file holds {stored:,}"
+        )
+
+
+def load_state(model: GPT, weights: Path) -> None:
+    """Copy a checked weights file into `model`; names and shapes must match exactly."""
+    try:
+        model.load_state_dict(read_weights(weights, next(model.parameters()).device))
+    except RuntimeError as exc:
+        detail = str(exc).strip().splitlines()[-1].strip()  # the first line only says "Error(s) in..."
+        raise SmallGPTError(f"weights in {weights} do not match their config: {detail}") from None
 
 
 def read_weights(weights: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -99,19 +131,17 @@ def read_weights(weights: Path, device: str | torch.device = "cpu") -> dict[str,
 
 def load_weights_into(model: GPT, weights: Path) -> None:
     """Copy a weights file into `model`, refusing one whose tensors do not fit it."""
-    state = read_weights(weights, next(model.parameters()).device)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1].strip()
-        raise SmallGPTError(f"weights in {weights} do not match their config: {first}") from None
+    check_weights_fit(weights, model.config)
+    load_state(model, weights)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPT:
     """Build a GPT from a checkpoint (see `resolve_weights`) with its saved config, in eval mode."""
     weights = resolve_weights(path)
-    model = GPT(read_model_config(weights)).to(device)
-    load_weights_into(model, weights)
+    config = read_model_config(weights)
+    check_weights_fit(weights, config)  # before building: a tiny file cannot demand a huge model
+    model = GPT(config).to(device)
+    load_state(model, weights)
     return model.eval()
 
 
@@ -120,18 +150,45 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPT:
 
 def check_run_dir(out_dir: Path, checkpoint_bytes: int) -> None:
     """Fail before training, not at the first checkpoint: the directory must be writable and roomy."""
+    make_dir(out_dir, "run directory")
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / f".write-test-{os.getpid()}"
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as exc:
-        raise SmallGPTError(f"cannot write to run directory {out_dir}: {exc.strerror or exc}") from None
+        raise SmallGPTError(f"cannot write to run directory {out_dir}: {os_reason(exc)}") from None
     free = shutil.disk_usage(out_dir).free
     if free < 2 * checkpoint_bytes:  # a new checkpoint is written whole before an old one goes
         raise SmallGPTError(
             f"not enough disk space in {out_dir}: {free / 1e6:,.0f} MB free, checkpoints need "
             f"{2 * checkpoint_bytes / 1e6:,.0f} MB"
+        )
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory the device has in all (RAM for the CPU), or None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
+def check_memory(config: ModelConfig, micro_batch_size: int, device: torch.device) -> None:
+    """Fail in one line, before allocating, when training `config` cannot possibly fit the device.
+
+    A lower bound only: fp32 weights, gradients and AdamW's two moments (16 bytes per parameter), and
+    the residual stream each layer keeps for backward (4 bytes per value).
+    """
+    total = device_memory(device)
+    parameters = least_parameters(config)
+    activations = micro_batch_size * config.block_size * config.n_embd * config.n_layer
+    needed = 16 * parameters + 4 * activations
+    if total is not None and needed > total:
+        raise SmallGPTError(
+            f"training this model needs at least {needed / 2**30:,.1f} GiB (over {parameters:,} parameters "
+            f"x 16 bytes for weights, gradients and AdamW moments, plus activations), but {device} has "
+            f"{total / 2**30:,.1f} GiB: choose a smaller model or micro_batch_size"
         )
 
 
@@ -155,10 +212,19 @@ def load_checkpoint(directory: Path) -> tuple[dict, dict]:
         state = json.loads((directory / STATE_NAME).read_text())
         trainer_state = torch.load(directory / TRAINER_NAME, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated JSON, truncated zip, or a pickle that is not plain tensors
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SmallGPTError(f"checkpoint {directory} is damaged or truncated ({reason[:200]})") from None
+        reason = first_line(exc)[:200]
+        raise SmallGPTError(f"checkpoint {directory} is damaged or truncated ({reason})") from None
     read_model_config(directory / WEIGHTS_NAME)  # refuses a truncated or foreign weights file early
     return state, trainer_state
+
+
+def saved_best_loss(run_dir: Path) -> float:
+    """The validation loss of the weights in `run_dir/best/` (infinity when there are none)."""
+    try:
+        loss = json.loads((run_dir / "best" / STATE_NAME).read_text())["val_loss"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return math.inf
+    return loss if type(loss) is float else math.inf
 
 
 def step_checkpoints(run_dir: Path) -> list[Path]:
@@ -170,5 +236,4 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
     """Delete all but the newest `keep` step checkpoints, and temporaries left by a killed run."""
     for old in step_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    for leftover in (run_dir / "checkpoints").glob(".step-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    remove_temporaries(run_dir / "checkpoints")

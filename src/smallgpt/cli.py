@@ -172,6 +172,8 @@ def model(
     """Print a preset's layers, parameter counts and training recipe; settings as in `train`."""
     import dataclasses
 
+    import torch
+
     from smallgpt.model import GPT
     from smallgpt.recipe import resolve_config, split_cli_args
 
@@ -180,7 +182,8 @@ def model(
         raise SmallGPTError(f"unexpected argument {positional[0]!r}: settings are written key=value")
     run = resolve_config(preset, None, overrides)
     preset, config = run.preset, run.model
-    gpt = GPT(config)
+    with torch.device("meta"):  # shapes without storage: any size can be counted
+        gpt = GPT(config)
     rows = [(name, list(p.shape), p.numel()) for name, p in gpt.named_parameters()]
     summary = {
         "preset": preset,
@@ -218,7 +221,9 @@ def train(
     ] = None,
     data: Annotated[
         Optional[str],
-        typer.Option(help="Prepared data dir; 'default' (or none given) = the bundled corpus."),
+        typer.Option(
+            help="Prepared data dir; 'default' (or none) = the bundled corpus; --resume: the run's."
+        ),
     ] = None,
     out: Annotated[Optional[str], typer.Option(help="Run directory (default: runs/PRESET).")] = None,
     resume: Annotated[
@@ -228,6 +233,10 @@ def train(
         Optional[str], typer.Option(help="Start from a checkpoint's weights (fine-tuning).")
     ] = None,
     device: Annotated[Optional[str], typer.Option(help="auto (CUDA, MPS, CPU), cpu, cuda, mps.")] = None,
+    allow_different_data: Annotated[
+        bool,
+        typer.Option("--allow-different-data", help="On --resume, accept data other than the run's own."),
+    ] = False,
 ) -> None:
     """Train a model; any setting can follow as key=value or --key value (e.g. max_iters=2000).
 
@@ -239,7 +248,7 @@ def train(
     args = list(ctx.args) + ([f"device={device}"] if device else [])
     result = train_command(
         args, preset=preset, config_file=config, data=data, out=out, resume=resume, init_from=init_from,
-        console=console,
+        console=console, allow_different_data=allow_different_data,
     )  # fmt: skip
     if result.interrupted:
         raise typer.Exit(130)

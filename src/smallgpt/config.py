@@ -1,13 +1,16 @@
 """Typed configuration: the model's shape, named presets, and `key=value` overrides.
 
 A config is a frozen dataclass so it can be saved next to the weights, compared when a checkpoint is
-loaded, and printed. Presets are plain instances; overrides go through `with_overrides`, which checks
-types and values so that a typo fails in one line instead of deep inside PyTorch.
+loaded, and printed. Presets are plain instances; overrides go through `with_overrides`, which converts
+command-line strings. Every config checks its own fields' types and values when it is created (from
+a preset, a TOML file, a checkpoint's metadata or the command line alike), so a typo or a crafted
+file fails in one line instead of deep inside PyTorch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -16,6 +19,36 @@ from typing import Any, TypeVar
 from smallgpt.errors import SmallGPTError
 
 GPT2_VOCAB_SIZE = 50257  # 50,000 BPE merges + 256 byte tokens + <|endoftext|>
+SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63: what numpy, torch and JSON all accept
+
+
+def check_seed(name: str, seed: int) -> None:
+    if not 0 <= seed < SEED_LIMIT:
+        raise SmallGPTError(f"{name} must be in [0, 2**63), not {seed}")
+
+
+def check_field_types(config: Any) -> None:
+    """Refuse a dataclass field whose value is not of its declared type, whatever its source.
+
+    bool is not accepted for int (True is an int to Python, never a layer count to a user); an int
+    is accepted for a float field and stored as one; floats must be finite.
+    """
+    hints = typing.get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        value, hint = getattr(config, field.name), hints[field.name]
+        allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        if value is None and type(None) in allowed:
+            continue
+        target = next(t for t in allowed if t is not type(None))
+        if target is float and type(value) is int:
+            value = float(value)
+            object.__setattr__(config, field.name, value)  # frozen: this is construction
+        if type(value) is not target:
+            raise SmallGPTError(
+                f"bad value for {field.name}: {value!r} is {type(value).__name__}, not {target.__name__}"
+            )
+        if target is float and not math.isfinite(value):
+            raise SmallGPTError(f"bad value for {field.name}: {value} is not a finite number")
 
 
 @dataclass(frozen=True)
@@ -34,6 +67,7 @@ class ModelConfig:
     vocab_multiple: int = 64
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         checks = [
             (self.vocab_size >= 1, "vocab_size must be at least 1"),
             (self.block_size >= 1, "block_size must be at least 1"),
@@ -64,6 +98,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        if not isinstance(values, dict):
+            raise SmallGPTError(f"a model config must be a table of fields, not {values!r}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -117,6 +153,7 @@ def with_overrides(config: Config, overrides: dict[str, Any]) -> Config:
 
 
 def _convert(key: str, value: Any, hint: Any) -> Any:
+    """A command-line string as the field's type; other values are checked by the config itself."""
     if not isinstance(value, str):
         return value
     allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)

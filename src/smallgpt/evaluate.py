@@ -18,7 +18,7 @@ import torch
 
 from smallgpt.distributed import Runtime, autocast, pick_device, pick_dtype
 from smallgpt.errors import SmallGPTError
-from smallgpt.loader import RandomBatches, load_split, sequential_batches
+from smallgpt.loader import RandomBatches, load_split, require_vocabulary, sequential_batches
 from smallgpt.model import GPT
 
 
@@ -127,10 +127,15 @@ def evaluate_checkpoint(
     from smallgpt.prepare import data_dir_for
 
     data = data_dir_for(data, raw_files=True)
-    tokens = load_split(data, split) if data.is_dir() else tokens_of_file(data, text_field)
     runtime = Runtime(0, 0, 1, pick_device(device))
     weights = resolve_weights(checkpoint)
     model = load_model(weights, runtime.device)
+    vocab = model.config.vocab_size
+    if data.is_dir():
+        tokens = load_split(data, split, vocab)
+    else:
+        tokens = tokens_of_file(data, text_field)
+        require_vocabulary(tokens, vocab, str(data))
     block_size = scoring_block(model, tokens)
     loss = full_pass_loss(
         model, tokens, batch_size, runtime, pick_dtype("auto", runtime.device), progress=progress

@@ -23,9 +23,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from smallgpt.checkpoint import WEIGHTS_NAME, atomic_write_dir, load_model, save_weights
+from smallgpt.checkpoint import WEIGHTS_NAME, load_model, save_weights
 from smallgpt.config import GPT2_VOCAB_SIZE, ModelConfig
-from smallgpt.errors import SmallGPTError
+from smallgpt.errors import SmallGPTError, first_line
+from smallgpt.files import atomic_write_file, make_dir
 from smallgpt.model import GPT
 from smallgpt.tokenizer import EOT_ID, EOT_TOKEN, verified_bytes
 
@@ -68,6 +69,11 @@ WEIGHT_LAYOUTS = (
     ("pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin"),
 )
 WEIGHT_FILES = tuple(name for layout in WEIGHT_LAYOUTS for name in layout[:2])
+# What `export` writes, and all it ever replaces in its output directory.
+EXPORT_FILES = (
+    "model.safetensors", "generation_config.json", *TOKENIZER_FILES, "tokenizer_config.json",
+    "special_tokens_map.json", "config.json",
+)  # fmt: skip
 
 
 # --- the mapping -------------------------------------------------------------------------------------
@@ -187,7 +193,7 @@ def state_dict_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dic
 
 def export_to_hf(checkpoint: str | Path, out_dir: str | Path, *, force: bool = False) -> Path:
     """Write a SmallGPT checkpoint as a Hugging Face GPT-2 directory: weights, configs, tokenizer."""
-    out = _claim_output_dir(out_dir, force, markers=("config.json", "model.safetensors"))
+    out = _claim_output_dir(out_dir, force, EXPORT_FILES)
     model = load_model(checkpoint)
     hf_config = hf_config_from(model.config)
     hf_state = state_dict_to_hf(model.state_dict(), model.config)
@@ -201,16 +207,15 @@ def export_to_hf(checkpoint: str | Path, out_dir: str | Path, *, force: bool = F
         **SPECIAL_TOKENS,
     }
 
-    def write(tmp: Path) -> None:
-        save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        _write_json(tmp / "config.json", hf_config)
-        _write_json(tmp / "generation_config.json", {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID})
-        for hf_name, packaged_name in TOKENIZER_FILES.items():
-            (tmp / hf_name).write_bytes(verified_bytes(packaged_name))
-        _write_json(tmp / "tokenizer_config.json", tokenizer_config)
-        _write_json(tmp / "special_tokens_map.json", SPECIAL_TOKENS)
-
-    atomic_write_dir(out, write)
+    writers = {
+        "model.safetensors": lambda path: save_file(hf_state, str(path), metadata={"format": "pt"}),
+        "generation_config.json": _json_writer({"bos_token_id": EOT_ID, "eos_token_id": EOT_ID}),
+        **{name: _bytes_writer(verified_bytes(packaged)) for name, packaged in TOKENIZER_FILES.items()},
+        "tokenizer_config.json": _json_writer(tokenizer_config),
+        "special_tokens_map.json": _json_writer(SPECIAL_TOKENS),
+        "config.json": _json_writer(hf_config),  # last: it is what marks a model directory
+    }
+    _write_outputs(out, writers)
     return out
 
 
@@ -219,7 +224,7 @@ def export_to_hf(checkpoint: str | Path, out_dir: str | Path, *, force: bool = F
 
 def import_from_hf(hf_dir: str | Path, out_dir: str | Path, *, force: bool = False) -> Path:
     """Read a Hugging Face GPT-2 directory (or Hub model id) into `out_dir/model.safetensors`; returns it."""
-    out = _claim_output_dir(out_dir, force, markers=(WEIGHTS_NAME,))
+    out = _claim_output_dir(out_dir, force, (WEIGHTS_NAME,))
     hf_dir = find_model_dir(hf_dir)
     if out == hf_dir.resolve():
         raise SmallGPTError(f"--out {out_dir} is the directory being imported: pick another")
@@ -230,7 +235,7 @@ def import_from_hf(hf_dir: str | Path, out_dir: str | Path, *, force: bool = Fal
     hf_state = _checked_hf_state(read_hf_weights(hf_dir), config)
     model = GPT(config)
     model.load_state_dict(state_dict_from_hf(hf_state, config))  # casts fp16/bf16 files to fp32
-    atomic_write_dir(out, lambda tmp: save_weights(model, tmp / WEIGHTS_NAME))
+    _write_outputs(out, {WEIGHTS_NAME: lambda path: save_weights(model, path)})
     return out / WEIGHTS_NAME
 
 
@@ -254,7 +259,7 @@ def find_model_dir(source: str | Path) -> Path:
             local = Path(snapshot_download(str(source), allow_patterns=["config.json", *WEIGHT_LAYOUTS[1]]))
     except Exception as exc:  # offline, no such repo, network down: the user's fix is the same
         raise SmallGPTError(
-            f"{source} is not a local directory, and the Hugging Face Hub lookup failed: {_first_line(exc)}"
+            f"{source} is not a local directory, and the Hugging Face Hub lookup failed: {first_line(exc)}"
         ) from None
     return local
 
@@ -284,7 +289,7 @@ def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
         # weights_only: tensors and plain containers only, so a malicious pickle cannot run code.
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (SafetensorError, OSError, RuntimeError, pickle.UnpicklingError) as exc:
-        raise SmallGPTError(f"cannot read weights from {path}: {_first_line(exc)}") from None
+        raise SmallGPTError(f"cannot read weights from {path}: {first_line(exc)}") from None
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise SmallGPTError(f"{path} does not hold a state dict of tensors")
     return state
@@ -327,25 +332,27 @@ def _checked_hf_state(hf_state: dict[str, torch.Tensor], config: ModelConfig) ->
 # --- files -------------------------------------------------------------------------------------------
 
 
-def _claim_output_dir(out_dir: str | Path, force: bool, markers: tuple[str, ...]) -> Path:
-    """Where to write; refuses an existing path unless forced, and even then anything but our own output."""
+def _claim_output_dir(out_dir: str | Path, force: bool, names: tuple[str, ...]) -> Path:
+    """Where to write `names`. A directory that holds anything is refused unless forced; forced, only
+    the files named `names` are ever replaced, each atomically: `--out .` cannot lose other files."""
     out = Path(out_dir).resolve()
-    if not out.exists():
-        return out
-    if not force:
-        raise SmallGPTError(f"{out} already exists (use --force to replace it)")
-    ours = out.is_dir() and (not any(out.iterdir()) or all((out / marker).is_file() for marker in markers))
-    if not ours:
+    if out.exists() and not out.is_dir():
+        raise SmallGPTError(f"--out {out} is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
         raise SmallGPTError(
-            f"refusing to replace {out}: it is not a directory holding {' and '.join(markers)}"
+            f"{out} already exists (use --force to write into it; only the files written are replaced)"
         )
+    in_the_way = [name for name in names if (out / name).is_dir()]
+    if in_the_way:
+        raise SmallGPTError(f"cannot write {out / in_the_way[0]}: a directory of that name is in the way")
     return out
 
 
-def _first_line(exc: Exception) -> str:
-    """The gist of a library's error, which may run to many lines."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def _write_outputs(out: Path, writers: dict) -> None:
+    """Create `out` and write each file via `writers[name](path)`, atomically, touching nothing else."""
+    make_dir(out, "--out directory")
+    for name, write in writers.items():
+        atomic_write_file(out / name, write)
 
 
 def _read_json(path: Path) -> dict:
@@ -358,5 +365,9 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+def _json_writer(data: dict):
+    return _bytes_writer((json.dumps(data, indent=2) + "\n").encode("utf-8"))
+
+
+def _bytes_writer(content: bytes):
+    return lambda path: path.write_bytes(content)

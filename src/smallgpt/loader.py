@@ -9,10 +9,15 @@ read. Random sampling is *counter-based*: the k-th batch drawn by rank r of a wo
 global micro-batch number g = k * W + r and seeds a fresh generator with (seed, g). Nothing hidden
 accumulates, so the whole sampler state is one counter (exact resume), and W ranks drawing one batch
 each see exactly what one process sees drawing W batches (gradient accumulation ≡ data parallelism).
+
+Opening a split checks its ids against the model's vocabulary once, so a foreign or damaged file is
+refused in one line instead of failing inside the embedding: `meta.json` records each split's largest
+id, and a file it does not describe (other size, or newer) is scanned instead.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,10 +27,11 @@ import torch
 from smallgpt.errors import SmallGPTError
 
 SPLITS = ("train", "val")
+SCAN_CHUNK = 1 << 24  # tokens per step of the largest-id scan: 32 MB read at a time, memory stays flat
 
 
-def load_split(data_dir: str | Path, split: str) -> np.ndarray:
-    """The tokens of `data_dir/{split}.bin` as a read-only uint16 memory map."""
+def load_split(data_dir: str | Path, split: str, vocab_size: int | None = None) -> np.ndarray:
+    """The tokens of `data_dir/{split}.bin` as a read-only uint16 memory map (ids < `vocab_size`)."""
     if split not in SPLITS:
         raise SmallGPTError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
     path = Path(data_dir) / f"{split}.bin"
@@ -36,7 +42,50 @@ def load_split(data_dir: str | Path, split: str) -> np.ndarray:
         raise SmallGPTError(f"{path} is empty (was it prepared with --val-fraction 0?)")
     if size % 2:
         raise SmallGPTError(f"{path} has an odd number of bytes: not a uint16 token file")
-    return np.memmap(path, dtype=np.uint16, mode="r")
+    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    if vocab_size is not None:
+        require_vocabulary(tokens, vocab_size, str(path), _recorded_largest_id(path, len(tokens)))
+    return tokens
+
+
+def require_vocabulary(tokens: np.ndarray, vocab_size: int, where: str, largest: int | None = None) -> None:
+    """Refuse tokens with an id the model has no embedding for (`largest`: known in advance)."""
+    if largest is None and len(tokens):
+        largest = max(int(tokens[i : i + SCAN_CHUNK].max()) for i in range(0, len(tokens), SCAN_CHUNK))
+    if largest is not None and largest >= vocab_size:
+        raise SmallGPTError(
+            f"{where} holds token id {largest}, but the model's vocabulary has only {vocab_size} ids: "
+            "prepare the data with the model's tokenizer, or raise vocab_size"
+        )
+
+
+def _recorded_largest_id(path: Path, length: int) -> int | None:
+    """The split's largest id from meta.json, if meta.json describes this very file; else None."""
+    meta = path.with_name("meta.json")
+    try:
+        stats = json.loads(meta.read_text())["splits"][path.stem]
+        largest = stats["max_token_id"]
+        fresh = stats["tokens"] == length and path.stat().st_mtime <= meta.stat().st_mtime
+    except (OSError, ValueError, KeyError, TypeError):  # absent, damaged, or written before the field
+        return None
+    return largest if fresh and type(largest) is int else None
+
+
+def data_identity(data_dir: str | Path) -> dict:
+    """What a run trains on, recorded in its checkpoints: where it was, the tokenizer that made it
+    (meta.json's hash; None without meta.json) and each split's token count."""
+    data_dir = Path(data_dir).resolve()
+    try:
+        tokenizer = json.loads((data_dir / "meta.json").read_text())["tokenizer"]["hash"]
+    except (OSError, ValueError, KeyError, TypeError):
+        tokenizer = None
+    tokens = {split: (data_dir / f"{split}.bin").stat().st_size // 2 for split in SPLITS}
+    return {"path": str(data_dir), "tokenizer_hash": tokenizer, "tokens": tokens}
+
+
+def same_data(recorded: dict, current: dict) -> bool:
+    """Same tokenizer and token counts: the same data, even if it has moved."""
+    return all(recorded.get(key) == current[key] for key in ("tokenizer_hash", "tokens"))
 
 
 def _check_layout(tokens: np.ndarray, block_size: int, batch_size: int, rank: int, world_size: int) -> None:

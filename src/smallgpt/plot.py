@@ -7,29 +7,52 @@ it (for instance from a run still in progress, or one copied from a GPU machine)
 from __future__ import annotations
 
 import json
-import os
+import math
 from pathlib import Path
 
-from smallgpt.errors import SmallGPTError
+from smallgpt.errors import SmallGPTError, os_reason
+from smallgpt.files import atomic_write_file
 
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "loss.png"
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """The records of `RUN_DIR/metrics.jsonl`; a line cut short by a killed run is skipped."""
+    """The records of `RUN_DIR/metrics.jsonl`: JSON objects with a numeric step.
+
+    Anything else (a line cut short by a killed run, an edited or damaged line) is skipped.
+    """
     path = Path(run_dir) / METRICS_NAME
     if Path(run_dir).is_file():
         raise SmallGPTError(f"{run_dir} is a file; give the run directory that holds {METRICS_NAME}")
     if not path.is_file():
         raise SmallGPTError(f"no {METRICS_NAME} in {run_dir} (is it a training run directory?)")
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as exc:
+        raise SmallGPTError(f"cannot read {path}: {os_reason(exc)}") from None
     records = []
-    for line in path.read_text().splitlines():
+    for line in lines:
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            record = json.loads(line)
+        except ValueError:
             continue
+        if isinstance(record, dict) and _is_number(record.get("step")):
+            records.append(record)
     return records
+
+
+def _is_number(value) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def _points(records: list[dict], kind: str, key: str) -> list[tuple[float, float]]:
+    """(tokens, loss) of the records of `kind` that hold both as numbers (a diverged NaN loss too)."""
+    return [
+        (r["tokens"], r[key])
+        for r in records
+        if r.get("kind") == kind and _is_number(r.get("tokens")) and type(r.get(key)) in (int, float)
+    ]
 
 
 def plot_run(run_dir: str | Path) -> Path:
@@ -41,8 +64,7 @@ def plot_run(run_dir: str | Path) -> Path:
 
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
-    train = [(r["tokens"], r["loss"]) for r in records if r.get("kind") == "train"]
-    val = [(r["tokens"], r["val_loss"]) for r in records if r.get("kind") == "eval"]
+    train, val = _points(records, "train", "loss"), _points(records, "eval", "val_loss")
     if not train and not val:
         raise SmallGPTError(f"{run_dir / METRICS_NAME} has no losses to plot yet")
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
@@ -57,8 +79,8 @@ def plot_run(run_dir: str | Path) -> Path:
     ax.legend()
     fig.tight_layout()
     final = run_dir / PLOT_NAME
-    tmp = run_dir / f".{PLOT_NAME}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, final)
+    try:
+        atomic_write_file(final, fig.savefig)
+    finally:
+        plt.close(fig)
     return final

@@ -26,7 +26,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from smallgpt.errors import SmallGPTError
+from smallgpt.config import check_seed
+from smallgpt.errors import SmallGPTError, os_reason
+from smallgpt.files import atomic_write_text, fsync_path, make_dir
 from smallgpt.sources import REPLACEMENTS, document_batches, open_source
 from smallgpt.tokenizer import EOT_ID, get_tokenizer, tokenizer_hash
 
@@ -123,6 +125,8 @@ class SplitWriter:
             "unique_tokens": int(np.count_nonzero(self.token_counts)),
             # Non-overlapping (x, y) pairs: x = block_size tokens, y = the same shifted by one.
             "samples": max(self.tokens - 1, 0) // block_size,
+            # Lets training check the ids against a model's vocabulary without reading the file.
+            "max_token_id": int(np.flatnonzero(self.token_counts)[-1]) if self.tokens else None,
         }
 
     def take_back(self) -> np.ndarray:
@@ -137,6 +141,7 @@ class SplitWriter:
 
     def finish(self) -> None:
         self.file.close()
+        fsync_path(self.tmp_path)
         self.tmp_path.replace(self.final_path)
 
     def discard(self) -> None:
@@ -169,7 +174,12 @@ class _ProgressBar:
         self.progress.update(self.task, completed=documents, tokens=millions, **rates)
 
 
-def _check_arguments(out_dir: Path, val_fraction: float, block_size: int, max_docs: int | None, force: bool):
+def _check_arguments(
+    out_dir: Path, val_fraction: float, seed: int, block_size: int, max_docs: int | None, force: bool
+) -> None:
+    check_seed("--seed", seed)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SmallGPTError(f"--out {out_dir} is a file, not a directory")
     if not 0 <= val_fraction < 1:
         raise SmallGPTError(f"--val-fraction must be in [0, 1), not {val_fraction}")
     if block_size < 1:
@@ -239,25 +249,27 @@ def prepare_corpus(
     """Tokenize `source` into `out_dir/{train,val}.bin` + `meta.json`; returns the meta dict."""
     out_dir = Path(out_dir)
     val_fraction = default_val_fraction(source) if val_fraction is None else val_fraction
-    _check_arguments(out_dir, val_fraction, block_size, max_docs, force)
-    dataset, text_field = open_source(source, text_field, split, doc_separator, subset)
+    _check_arguments(out_dir, val_fraction, seed, block_size, max_docs, force)
     created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(out_dir, "--out directory")  # before reading anything: an unwritable --out fails at once
     writers: dict[str, SplitWriter] = {}
-    replaced_before = REPLACEMENTS.count
     bar = _ProgressBar(max_docs, show_progress)
     try:
+        dataset, text_field = open_source(source, text_field, split, doc_separator, subset)
+        replaced_before = REPLACEMENTS.count  # opening may decode a few records: count the stream once
         writers.update((name, SplitWriter(out_dir / f"{name}.bin")) for name in ("train", "val"))
         with bar.progress:
             batches = document_batches(dataset, text_field, doc_separator, source)
             documents, skipped = tokenize_into(batches, writers, val_fraction, seed, max_docs, bar)
         carved = _check_splits(writers, source, val_fraction)
-    except BaseException:
+    except BaseException as exc:
         for writer in writers.values():
             writer.discard()
         if created:
             with contextlib.suppress(OSError):
                 out_dir.rmdir()
+        if isinstance(exc, OSError):  # read-only directory, full disk: the user's to fix
+            raise SmallGPTError(f"cannot write to {out_dir}: {os_reason(exc)}") from None
         raise
     all_counts = writers["train"].token_counts + writers["val"].token_counts
     meta = {
@@ -316,12 +328,15 @@ def _check_splits(writers: dict[str, SplitWriter], source: str, val_fraction: fl
 
 def _publish(out_dir: Path, writers: dict[str, SplitWriter], meta: dict) -> None:
     """Rename the finished files into place; meta.json goes last and marks the directory complete."""
-    (out_dir / "meta.json").unlink(missing_ok=True)
-    for writer in writers.values():
-        writer.finish()
-    tmp_meta = out_dir / f".meta.json.tmp-{os.getpid()}"
-    tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
-    tmp_meta.replace(out_dir / "meta.json")
+    try:
+        (out_dir / "meta.json").unlink(missing_ok=True)
+        for writer in writers.values():
+            writer.finish()
+    except OSError as exc:  # e.g. a directory named train.bin in the way
+        for writer in writers.values():
+            writer.discard()
+        raise SmallGPTError(f"cannot write to {out_dir}: {os_reason(exc)}") from None
+    atomic_write_text(out_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
 
 
 def statistics_table(meta: dict) -> Table:

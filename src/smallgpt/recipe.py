@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from smallgpt.checkpoint import load_checkpoint, step_checkpoints
-from smallgpt.config import ModelConfig, get_preset, parse_overrides, with_overrides
+from smallgpt.config import (
+    ModelConfig,
+    check_field_types,
+    check_seed,
+    get_preset,
+    parse_overrides,
+    with_overrides,
+)
 from smallgpt.distributed import DTYPES
 from smallgpt.errors import SmallGPTError
 
@@ -54,6 +61,8 @@ class TrainConfig:
     final_eval_tokens: int | None = None
 
     def __post_init__(self) -> None:
+        check_field_types(self)
+        check_seed("seed", self.seed)
         checks = [
             (self.max_iters >= 1, "max_iters must be at least 1"),
             (self.micro_batch_size >= 1, "micro_batch_size must be at least 1"),
@@ -124,12 +133,17 @@ def resolve_config(
     if config_file is not None:
         try:
             values = tomllib.loads(Path(config_file).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise SmallGPTError(f"cannot read config file {config_file}: {exc}") from None
-        preset = preset or values.get("preset")
-        values.pop("preset", None)
+        file_preset = values.pop("preset", None)
+        if file_preset is not None and not isinstance(file_preset, str):
+            raise SmallGPTError(f"{config_file}: preset must be a name in quotes, not {file_preset!r}")
+        preset = preset or file_preset
         for table in ("model", "train"):
-            values.update(values.pop(table, {}))
+            section = values.pop(table, {})
+            if not isinstance(section, dict):
+                raise SmallGPTError(f"{config_file}: {table} must be a [{table}] table, not {section!r}")
+            values.update(section)
     values.update(overrides or {})
     if base is None:
         name = preset or ("finetune" if model is not None else DEFAULT_PRESET)
@@ -144,13 +158,39 @@ def resolve_config(
     )
 
 
-def saved_config(run_dir: str | Path) -> RunConfig:
-    """The config of the newest checkpoint in `run_dir`: what `--resume` continues."""
+def saved_state(run_dir: str | Path) -> dict:
+    """The state of the newest checkpoint in `run_dir` (step, config, data): what `--resume` continues."""
     checkpoints = step_checkpoints(Path(run_dir))
     if not checkpoints:
         raise SmallGPTError(f"nothing to resume in {run_dir}: it has no checkpoints")
     state, _ = load_checkpoint(checkpoints[-1])
-    return RunConfig.from_dict(state["config"])
+    return state
+
+
+def keep_schedule(saved: RunConfig, wanted: RunConfig, step: int) -> RunConfig:
+    """What a changed max_iters means on --resume: more (or fewer) updates on the same schedule.
+
+    The learning rate of the updates already taken is never rewritten: a run that decayed over its
+    first max_iters keeps decaying over those (lr_decay_iters is pinned to the old max_iters) and
+    spends any extra updates at min_lr, instead of jumping back up a re-stretched cosine with no
+    warm-up. Giving lr_decay_iters explicitly re-plans the decay, jump included.
+    """
+    new = wanted.train
+    if new.max_iters < step:
+        raise SmallGPTError(f"max_iters={new.max_iters} is below the step the run has reached ({step})")
+    if new.max_iters != saved.train.max_iters and new.lr_decay_iters == saved.train.lr_decay_iters == 0:
+        new = dataclasses.replace(new, lr_decay_iters=saved.train.max_iters)
+    return dataclasses.replace(wanted, train=new)
+
+
+def recorded_data(run_dir: str | Path, state: dict) -> str:
+    """The data directory a run's checkpoint says it trained on, where --resume continues by default."""
+    path = (state.get("data") or {}).get("path")
+    if not isinstance(path, str):
+        raise SmallGPTError(f"{run_dir} does not record its training data (an older run): give --data")
+    if not Path(path).is_dir():
+        raise SmallGPTError(f"{run_dir} trained on {path}, which is gone: give --data")
+    return path
 
 
 def split_cli_args(args: list[str]) -> tuple[list[str], dict[str, str]]:

@@ -15,13 +15,17 @@ import os
 from importlib import resources
 from pathlib import Path
 
-from smallgpt.errors import SmallGPTError
+from smallgpt.errors import SmallGPTError, first_line
 
 HF_ALIASES = {"openwebtext": "Skylion007/openwebtext"}
 # File suffix → the `datasets` builder that reads it.
 LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".jsonl.gz": "json", ".parquet": "parquet"}
 DOCS_PER_BATCH = 512  # documents per read and per tokenizer job: big enough to amortise overheads
 LINES_PER_BATCH = 16_384  # lines per read of .txt files cut at --doc-separator
+# `datasets` >= 4 refuses Hub repositories that still carry a loading script (openwebtext does), but the
+# Hub keeps an automatic Parquet export of every public dataset under this revision.
+SCRIPT_REFUSED = "Dataset scripts are no longer supported"
+PARQUET_REVISION = "refs/convert/parquet"
 
 
 class _ReplacementCounter:
@@ -95,11 +99,6 @@ def _open_local(source: str, files: list[Path], text_field: str, doc_separator: 
     return _load_dataset(source, builder, data_files=data_files, split="train", **options), text_field
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _load_dataset(source: str, path: str, **kwargs):
     """`datasets.load_dataset(path, ..., streaming=True)` with its failures turned into one-line errors."""
     import datasets
@@ -111,7 +110,9 @@ def _load_dataset(source: str, path: str, **kwargs):
     except StopIteration:  # the JSON reader found no record to infer columns from
         raise SmallGPTError(f"{source} holds no documents") from None
     except (ConnectionError, FileNotFoundError, ValueError, RuntimeError) as exc:
-        raise SmallGPTError(f"cannot load {source}: {_first_line(exc)}") from None
+        if SCRIPT_REFUSED in str(exc) and "revision" not in kwargs:
+            return _load_dataset(source, path, revision=PARQUET_REVISION, **kwargs)
+        raise SmallGPTError(f"cannot load {source}: {first_line(exc)}") from None
 
 
 def open_source(
@@ -176,7 +177,7 @@ def document_batches(dataset, text_field: str, doc_separator: str | None, source
             lines = _texts(dataset.shard(dataset.num_shards, shard), text_field, source, LINES_PER_BATCH)
             yield from _split_at(doc_separator, lines)
     except (UnicodeDecodeError, ValueError, OSError) as exc:  # pyarrow / json parse errors
-        raise SmallGPTError(f"cannot read {source}: {_first_line(exc)}") from None
+        raise SmallGPTError(f"cannot read {source}: {first_line(exc)}") from None
 
 
 def _texts(dataset, text_field: str, source: str, batch_size: int):

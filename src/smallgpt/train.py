@@ -32,7 +32,7 @@ from smallgpt import distributed
 from smallgpt.checkpoint import (
     STATE_NAME,
     WEIGHTS_NAME,
-    atomic_write_dir,
+    check_memory,
     check_run_dir,
     load_checkpoint,
     load_weights_into,
@@ -41,22 +41,26 @@ from smallgpt.checkpoint import (
     resolve_weights,
     save_checkpoint,
     save_weights,
+    saved_best_loss,
     step_checkpoints,
 )
 from smallgpt.config import GPT2_VOCAB_SIZE
 from smallgpt.distributed import DeviceBatches, Runtime, StopSignal, autocast, pick_dtype
 from smallgpt.errors import SmallGPTError
 from smallgpt.evaluate import estimate_loss, full_pass_loss, perplexity
-from smallgpt.loader import RandomBatches, load_split
+from smallgpt.files import atomic_write_dir, atomic_write_text, remove_temporaries
+from smallgpt.loader import RandomBatches, data_identity, load_split, same_data
 from smallgpt.model import GPT
 from smallgpt.monitor import RunMonitor, measure_matmul_peak, trim_metrics
 from smallgpt.recipe import (
     RunConfig,
     TrainConfig,
+    keep_schedule,
     learning_rate_at,
+    recorded_data,
     require_same_shape,
     resolve_config,
-    saved_config,
+    saved_state,
     split_cli_args,
 )
 
@@ -85,7 +89,8 @@ class Trainer:
     """One process's share of a run: model, optimizer, data stream, and the loop over updates."""
 
     def __init__(self, run: RunConfig, data_dir: Path, out_dir: Path, runtime: Runtime, console: Console,
-                 *, resume: bool = False, init_from: str | Path | None = None) -> None:  # fmt: skip
+                 *, resume: bool = False, init_from: str | Path | None = None,
+                 allow_different_data: bool = False) -> None:  # fmt: skip
         self.run, self.cfg, self.rt, self.out_dir, self.console = run, run.train, runtime, out_dir, console
         cfg, device = self.cfg, runtime.device
         per_update = cfg.micro_batch_size * runtime.world_size
@@ -98,12 +103,18 @@ class Trainer:
         self.dtype = pick_dtype(cfg.dtype, device)
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        self.train_tokens, self.val_tokens = training_data(data_dir, run.model.block_size)
+        self.train_tokens, self.val_tokens = training_data(
+            data_dir, run.model.block_size, run.model.vocab_size
+        )
+        self.data = data_identity(data_dir)
+        check_memory(run.model, cfg.micro_batch_size, device)
         torch.manual_seed(cfg.seed)
         self.model = GPT(run.model).to(device)
         checkpoint_bytes = 16 * sum(p.numel() for p in self.model.parameters())  # weights + 2 moments
         if runtime.is_main:
             check_run_dir(out_dir, checkpoint_bytes)
+            remove_temporaries(out_dir)  # and put back a best/ a kill left moved aside
+            remove_temporaries(out_dir / "checkpoints")
             if step_checkpoints(out_dir) and not resume:
                 raise SmallGPTError(
                     f"{out_dir} already holds a run: continue it with --resume or pick another --out"
@@ -120,7 +131,7 @@ class Trainer:
         self.batches = DeviceBatches(sampler, device)
         self.step, self.best_val_loss = 0, math.inf
         if resume:
-            self._resume()
+            self._resume(allow_different_data)
         elif init_from is not None:
             weights = resolve_weights(init_from)
             require_same_shape(read_model_config(weights), run.model, weights)
@@ -133,20 +144,29 @@ class Trainer:
             ids = [device.index] if device.type == "cuda" else None
             self.train_model = torch.nn.parallel.DistributedDataParallel(self.train_model, device_ids=ids)
         if runtime.is_main:
-            (out_dir / "config.json").write_text(json_dump(run.to_dict()))
+            atomic_write_text(out_dir / "config.json", json_dump(run.to_dict()))
 
-    def _resume(self) -> None:
+    def _resume(self, allow_different_data: bool) -> None:
         checkpoints = step_checkpoints(self.out_dir)
         if not checkpoints:
             raise SmallGPTError(f"nothing to resume in {self.out_dir}: it has no checkpoints")
         state, trainer_state = load_checkpoint(checkpoints[-1])
         require_same_shape(RunConfig.from_dict(state["config"]).model, self.run.model, checkpoints[-1])
+        recorded = state.get("data")
+        if isinstance(recorded, dict) and not same_data(recorded, self.data) and not allow_different_data:
+            raise SmallGPTError(
+                f"{self.out_dir} trained on {recorded.get('path')}, not on {self.data['path']} (other "
+                "tokenizer or token counts): to continue on other data anyway, add --allow-different-data"
+            )
         load_weights_into(self.model, checkpoints[-1] / WEIGHTS_NAME)
         self.optimizer.load_state_dict(trainer_state["optimizer"])
         self.scaler.load_state_dict(trainer_state["scaler"])
         self.batches.load_state_dict(state["sampler"])
         self.step = state["step"]
         self.best_val_loss = math.inf if state["best_val_loss"] is None else state["best_val_loss"]
+        # A kill between writing best/ and the next checkpoint leaves best/ ahead of the checkpoint:
+        # count what best/ holds, so best/ is only ever replaced by a better model.
+        self.best_val_loss = min(self.best_val_loss, saved_best_loss(self.out_dir))
         if self.rt.is_main:
             trim_metrics(self.out_dir, self.step)
             self.console.print(f"resuming {checkpoints[-1]} at step {self.step}", highlight=False)
@@ -276,12 +296,13 @@ class Trainer:
             self.model, self.val_tokens, cfg.micro_batch_size, cfg.eval_iters, cfg.seed, self.rt, self.dtype
         )
         self._check_finite(val_loss, "validation loss")
-        improved = val_loss < self.best_val_loss
-        self.best_val_loss = min(val_loss, self.best_val_loss)
-        self._save()
-        if improved and self.rt.is_main:
+        # best/ first, then the checkpoint that counts it: a kill in between leaves a checkpoint whose
+        # best_val_loss best/ matches or beats (see _resume), never one claiming a best/ not written.
+        if val_loss < self.best_val_loss and self.rt.is_main:
             best = {"step": self.step, "val_loss": val_loss, "val_perplexity": perplexity(val_loss)}
             atomic_write_dir(self.out_dir / "best", lambda tmp: self._write_weights(tmp, best))
+        self.best_val_loss = min(val_loss, self.best_val_loss)
+        self._save()
         self.monitor.log_eval(self.step, val_loss)
 
     def _write_weights(self, directory: Path, state: dict) -> None:
@@ -297,6 +318,7 @@ class Trainer:
             "best_val_loss": None if math.isinf(self.best_val_loss) else self.best_val_loss,
             "sampler": self.batches.state_dict(),
             "config": self.run.to_dict(),
+            "data": self.data,
         }
         trainer_state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
         save_checkpoint(
@@ -305,8 +327,8 @@ class Trainer:
         prune_checkpoints(self.out_dir, self.cfg.keep_last)
 
 
-def training_data(data_dir: Path, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The train and val splits, refused in one line when too small to train on.
+def training_data(data_dir: Path, block_size: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The train and val splits, refused in one line when too small to train on or beyond the vocabulary.
 
     Training draws windows of block_size + 1 tokens from the train split, so that is the smallest
     trainable corpus; a validation split shorter than one window is scored in shorter windows.
@@ -317,7 +339,7 @@ def training_data(data_dir: Path, block_size: int) -> tuple[np.ndarray, np.ndarr
             f"{data_dir} has no validation split (prepared with --val-fraction 0): prepare it again "
             "without that option (a corpus of few documents gets the end of its text held out)"
         )
-    train_tokens, val_tokens = load_split(data_dir, "train"), load_split(data_dir, "val")
+    train_tokens, val_tokens = (load_split(data_dir, split, vocab_size) for split in ("train", "val"))
     if len(train_tokens) < block_size + 1:
         shorter = (
             f"block_size={len(train_tokens) - 1} or less" if len(train_tokens) > 1 else "no shorter context"
@@ -341,14 +363,16 @@ def train(
     resume: bool = False,
     init_from: str | Path | None = None,
     console: Console | None = None,
+    allow_different_data: bool = False,
 ) -> TrainResult:
     """Train `run` on a prepared data dir into `out_dir`; under torchrun, this process's share of it."""
     runtime = distributed.start(run.train.device)
     console = console if runtime.is_main and console is not None else Console(quiet=not runtime.is_main)
     try:
         trainer = Trainer(
-            run, Path(data_dir), Path(out_dir), runtime, console, resume=resume, init_from=init_from
-        )
+            run, Path(data_dir), Path(out_dir), runtime, console, resume=resume, init_from=init_from,
+            allow_different_data=allow_different_data,
+        )  # fmt: skip
         result = trainer.fit()
         speaks_gpt2 = run.model.vocab_size == GPT2_VOCAB_SIZE  # the sample is decoded with GPT-2's BPE
         if runtime.is_main and not result.interrupted and run.train.sample_tokens and speaks_gpt2:
@@ -384,8 +408,10 @@ def train_command(
     resume: bool = False,
     init_from: str | None = None,
     console: Console | None = None,
+    allow_different_data: bool = False,
 ) -> TrainResult:
-    """`smallgpt train`: settings from preset/file/`args`, data (default: the bundled corpus), run dir."""
+    """`smallgpt train`: settings from preset/file/`args`, data (default: the bundled corpus, or on
+    --resume the run's own), run dir."""
     positional, overrides = split_cli_args(args)
     if resume and len(positional) == 1:  # --resume RUN_DIR
         if out is not None and Path(out) != Path(positional[0]):
@@ -401,7 +427,17 @@ def train_command(
     if resume:
         if out is None:
             raise SmallGPTError("--resume needs the run: smallgpt train --resume RUN_DIR")
-        run = resolve_config(preset, config_file, overrides, base=saved_config(out))
+        state = saved_state(out)
+        saved = RunConfig.from_dict(state["config"])
+        run = keep_schedule(saved, resolve_config(preset, config_file, overrides, base=saved), state["step"])
+        if run.train.lr_decay_iters != saved.train.lr_decay_iters and console is not None:
+            console.print(
+                f"note: max_iters {saved.train.max_iters} -> {run.train.max_iters} keeps the learning-rate "
+                f"schedule (lr_decay_iters={run.train.lr_decay_iters}); updates past it run at min_lr",
+                highlight=False,
+            )
+        if data is None:
+            data = recorded_data(out, state)
     elif init_from is not None:
         checkpoint_model = read_model_config(resolve_weights(init_from))
         run = resolve_config(preset, config_file, overrides, model=checkpoint_model)
@@ -411,4 +447,7 @@ def train_command(
 
     data = data_dir_for(data)
     out_dir = out if out is not None else Path("runs") / run.preset
-    return train(run, data, out_dir, resume=resume, init_from=init_from, console=console)
+    return train(
+        run, data, out_dir, resume=resume, init_from=init_from, console=console,
+        allow_different_data=allow_different_data,
+    )  # fmt: skip
