@@ -43,7 +43,7 @@ def test_each_command_help_lists_its_options(cli, command):
     from smallgpt.cli import app
 
     code, out, _ = cli(command, "--help")
-    assert code == 0 and f" {command} [OPTIONS]" in out.splitlines()[0]
+    assert code == 0 and f"smallgpt {command} " in out.splitlines()[0]
     group = typer.main.get_command(app)
     options = [p for p in group.commands[command].params if p.param_type_name == "option"]
     assert set(COMMAND_OPTIONS[command]) <= {name for p in options for name in p.opts}
@@ -75,7 +75,9 @@ def test_model_reports_seed_parameter_count(cli):
 def test_model_counts_a_huge_model_without_allocating_it(cli):
     # ~1.2e13 parameters (48 TB in fp32): built on the meta device, so only shapes exist.
     L, C, T = 24, 200_000, 256
-    code, out, _ = cli("model", f"n_embd={C}", "n_head=1", f"n_layer={L}", "--json")
+    code, out, _ = cli(
+        "model", "--preset", "smallgpt-10m", f"n_embd={C}", "n_head=1", f"n_layer={L}", "--json"
+    )
     assert code == 0
     padded_vocab = 50304
     # Per layer: qkv 3C^2+3C, attention out C^2+C, MLP 4C^2+4C and 4C^2+C, two LayerNorms 4C.

@@ -73,7 +73,8 @@ def test_causality_future_tokens_do_not_change_past_logits():
 def test_padded_vocabulary_ids_never_get_probability():
     """Make the 47 padding rows of the tied embedding/head huge, so that any leak would dominate;
     they still never get probability (logits, loss) and are never sampled."""
-    from smallgpt.generate import Generator, SamplingParams
+    from smallgpt.engine import Engine
+    from smallgpt.generate import SamplingParams
 
     torch.manual_seed(0)
     model = GPT(ModelConfig(**SMALL, vocab_multiple=64)).eval()
@@ -92,7 +93,7 @@ def test_padded_vocabulary_ids_never_get_probability():
         targets = torch.randint(0, V, (2, 16))
         expected = F.cross_entropy(unmasked[..., :V].flatten(0, 1), targets.flatten())
         torch.testing.assert_close(model(idx, targets), expected)
-    completions = Generator(model).generate(
+    completions = Engine(model).generate(
         ["The", "A padded vocabulary", ""], SamplingParams(max_new_tokens=32, temperature=2.0, seed=1)
     )
     sampled = [token for completion in completions for token in completion.token_ids]
