@@ -73,6 +73,10 @@ def test_prune_keeps_the_newest_and_clears_temporaries(finished_run, tmp_path):
         ("truncate_trainer", "damaged or truncated"),
         ("remove_state", "incomplete: no state.json"),
         ("foreign_pickle", "damaged or truncated"),
+        ("step_not_a_number", "is damaged: its state.json or trainer.pt is malformed"),
+        ("state_not_an_object", "is damaged: its state.json or trainer.pt is malformed"),
+        ("negative_sampler_count", "is damaged: its state.json or trainer.pt is malformed"),
+        ("foreign_optimizer", "has a damaged optimizer state"),
     ],
 )
 def test_damaged_checkpoint_is_refused_on_resume(finished_run, tmp_path, damage, message):
@@ -86,6 +90,16 @@ def test_damaged_checkpoint_is_refused_on_resume(finished_run, tmp_path, damage,
         trainer.write_bytes(trainer.read_bytes()[:100])
     elif damage == "remove_state":
         (newest / "state.json").unlink()
+    elif damage in ("step_not_a_number", "state_not_an_object", "negative_sampler_count"):
+        state = json.loads((newest / "state.json").read_text())
+        state["step"] = "10" if damage == "step_not_a_number" else state["step"]
+        state["sampler"]["calls"] = -1 if damage == "negative_sampler_count" else state["sampler"]["calls"]
+        (newest / "state.json").write_text(json.dumps([state] if damage == "state_not_an_object" else state))
+    elif damage == "foreign_optimizer":
+        torch.save(
+            {"optimizer": {"state": {}, "param_groups": [{"params": [0]}]}, "scaler": {}},
+            newest / TRAINER_NAME,
+        )
     else:  # an object weights_only loading must not unpickle
         torch.save({"optimizer": NotATensor()}, newest / TRAINER_NAME)
     with pytest.raises(SmallGPTError, match=message):

@@ -273,3 +273,14 @@ def test_force_replaces_only_the_files_the_command_writes(tmp_path, monkeypatch)
     assert (work / "src" / "a.py").read_text() == "print(1)" and (work / "notes.txt").read_text() == "keep"
     assert sorted(p.name for p in work.iterdir()) == sorted([*EXPORT_FILES, "imported", "notes.txt", "src"])
     assert [p.name for p in (work / "imported").iterdir()] == ["model.safetensors"]
+    # Never over a SmallGPT checkpoint, nor into a training run, whose weights it would hide.
+    with pytest.raises(SmallGPTError, match="holds a SmallGPT checkpoint, which export would overwrite"):
+        export_to_hf(work / "imported", work / "imported", force=True)
+    (work / "run" / "best").mkdir(parents=True)
+    for convert in (export_to_hf, import_from_hf):
+        with pytest.raises(SmallGPTError, match="is a training run: a model.safetensors there would hide"):
+            convert(
+                work if convert is import_from_hf else tmp_path / "model.safetensors",
+                work / "run",
+                force=True,
+            )

@@ -215,7 +215,26 @@ def load_checkpoint(directory: Path) -> tuple[dict, dict]:
         reason = first_line(exc)[:200]
         raise SmallGPTError(f"checkpoint {directory} is damaged or truncated ({reason})") from None
     read_model_config(directory / WEIGHTS_NAME)  # refuses a truncated or foreign weights file early
+    if not _well_formed(state) or not isinstance(trainer_state, dict):
+        raise SmallGPTError(
+            f"checkpoint {directory} is damaged: its state.json or {TRAINER_NAME} is malformed"
+        )
     return state, trainer_state
+
+
+def _well_formed(state) -> bool:
+    """state.json holds a step, a config, and the sampler's position, each of the right type."""
+    counters = ("seed", "calls", "world_size")
+    return (
+        isinstance(state, dict)
+        and type(state.get("step")) is int
+        and state["step"] >= 0
+        and isinstance(state.get("config"), dict)
+        and isinstance(state.get("sampler"), dict)
+        and all(type(state["sampler"].get(key)) is int and state["sampler"][key] >= 0 for key in counters)
+        and state["sampler"]["world_size"] >= 1
+        and (state.get("best_val_loss") is None or type(state["best_val_loss"]) in (int, float))
+    )
 
 
 def saved_best_loss(run_dir: Path) -> float:

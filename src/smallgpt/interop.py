@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from smallgpt.checkpoint import WEIGHTS_NAME, load_model, save_weights
+from smallgpt.checkpoint import WEIGHTS_NAME, load_model, read_model_config, save_weights
 from smallgpt.config import GPT2_VOCAB_SIZE, ModelConfig
 from smallgpt.errors import SmallGPTError, first_line
 from smallgpt.files import atomic_write_file, make_dir
@@ -194,6 +194,8 @@ def state_dict_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dic
 def export_to_hf(checkpoint: str | Path, out_dir: str | Path, *, force: bool = False) -> Path:
     """Write a SmallGPT checkpoint as a Hugging Face GPT-2 directory: weights, configs, tokenizer."""
     out = _claim_output_dir(out_dir, force, EXPORT_FILES)
+    if (out / WEIGHTS_NAME).is_file() and _is_smallgpt_checkpoint(out / WEIGHTS_NAME):
+        raise SmallGPTError(f"--out {out} holds a SmallGPT checkpoint, which export would overwrite")
     model = load_model(checkpoint)
     hf_config = hf_config_from(model.config)
     hf_state = state_dict_to_hf(model.state_dict(), model.config)
@@ -342,10 +344,22 @@ def _claim_output_dir(out_dir: str | Path, force: bool, names: tuple[str, ...]) 
         raise SmallGPTError(
             f"{out} already exists (use --force to write into it; only the files written are replaced)"
         )
+    if (out / "checkpoints").is_dir() or (out / "best").is_dir():
+        raise SmallGPTError(
+            f"--out {out} is a training run: a model.safetensors there would hide its weights"
+        )
     in_the_way = [name for name in names if (out / name).is_dir()]
     if in_the_way:
         raise SmallGPTError(f"cannot write {out / in_the_way[0]}: a directory of that name is in the way")
     return out
+
+
+def _is_smallgpt_checkpoint(path: Path) -> bool:
+    try:
+        read_model_config(path)
+    except SmallGPTError:
+        return False
+    return True
 
 
 def _write_outputs(out: Path, writers: dict) -> None:

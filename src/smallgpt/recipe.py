@@ -111,7 +111,12 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
-        model, train = ModelConfig.from_dict(values["model"]), with_overrides(TrainConfig(), values["train"])
+        if not isinstance(values.get("train"), dict) or not isinstance(values.get("preset", ""), str):
+            raise SmallGPTError("a saved run config needs a [train] table and a preset name")
+        model, train = (
+            ModelConfig.from_dict(values.get("model")),
+            with_overrides(TrainConfig(), values["train"]),
+        )
         return cls(model, train, values.get("preset", "custom"))
 
 
@@ -185,7 +190,8 @@ def keep_schedule(saved: RunConfig, wanted: RunConfig, step: int) -> RunConfig:
 
 def recorded_data(run_dir: str | Path, state: dict) -> str:
     """The data directory a run's checkpoint says it trained on, where --resume continues by default."""
-    path = (state.get("data") or {}).get("path")
+    recorded = state.get("data")
+    path = recorded.get("path") if isinstance(recorded, dict) else None
     if not isinstance(path, str):
         raise SmallGPTError(f"{run_dir} does not record its training data (an older run): give --data")
     if not Path(path).is_dir():

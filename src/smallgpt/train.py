@@ -46,7 +46,7 @@ from smallgpt.checkpoint import (
 )
 from smallgpt.config import GPT2_VOCAB_SIZE
 from smallgpt.distributed import DeviceBatches, Runtime, StopSignal, autocast, pick_dtype
-from smallgpt.errors import SmallGPTError
+from smallgpt.errors import SmallGPTError, first_line
 from smallgpt.evaluate import estimate_loss, full_pass_loss, perplexity
 from smallgpt.files import atomic_write_dir, atomic_write_text, remove_temporaries
 from smallgpt.loader import RandomBatches, data_identity, load_split, same_data
@@ -159,8 +159,13 @@ class Trainer:
                 "tokenizer or token counts): to continue on other data anyway, add --allow-different-data"
             )
         load_weights_into(self.model, checkpoints[-1] / WEIGHTS_NAME)
-        self.optimizer.load_state_dict(trainer_state["optimizer"])
-        self.scaler.load_state_dict(trainer_state["scaler"])
+        try:
+            self.optimizer.load_state_dict(trainer_state["optimizer"])
+            self.scaler.load_state_dict(trainer_state["scaler"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:  # a damaged or foreign trainer.pt
+            raise SmallGPTError(
+                f"checkpoint {checkpoints[-1]} has a damaged optimizer state ({first_line(exc)})"
+            ) from None
         self.batches.load_state_dict(state["sampler"])
         self.step = state["step"]
         self.best_val_loss = math.inf if state["best_val_loss"] is None else state["best_val_loss"]
