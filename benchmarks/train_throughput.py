@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--data", help="prepared data dir (default: the bundled corpus)")
     parser.add_argument("--batch", type=int, default=32, help="sequences per update (x 256 tokens)")
     parser.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward")
-    parser.add_argument("--no-compile", action="store_true", help="eager mode (compile applies on CUDA only)")
+    parser.add_argument("--no-compile", action="store_true", help="eager (default: compile on CUDA only)")
     parser.add_argument("--plain-loss", action="store_true", help="full logits + F.cross_entropy")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     parser.add_argument("--device", default="auto")
@@ -55,7 +55,7 @@ def main() -> None:
     overrides = {
         "batch_size": args.batch,
         "micro_batch_size": args.micro_batch,
-        "compile": not args.no_compile,
+        "compile": False if args.no_compile else None,  # None: the training default
         "fused_loss": not args.plain_loss,
         "dtype": args.dtype,
         "device": str(device),
@@ -88,7 +88,7 @@ def main() -> None:
         "micro_batch": args.micro_batch,
         "accumulation": trainer.accumulation,
         "tokens_per_update": trainer.tokens_per_update,
-        "compile": run.train.compile and on_gpu,
+        "compile": trainer.train_model is not trainer.model,
         "loss": "plain" if args.plain_loss else "fused",
         "ms_per_update": seconds * 1e3,
         "tokens_per_s": tokens_per_s,

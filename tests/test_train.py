@@ -19,9 +19,9 @@ from training_helpers import (
     write_data,
 )
 
-from smallgpt.distributed import DeviceBatches, Runtime
+from smallgpt.distributed import Runtime
 from smallgpt.errors import SmallGPTError
-from smallgpt.loader import RandomBatches
+from smallgpt.loader import DeviceBatches, RandomBatches
 from smallgpt.model import GPT
 from smallgpt.recipe import TrainConfig, learning_rate_at, resolve_config, split_cli_args
 from smallgpt.train import Trainer, make_optimizer, train

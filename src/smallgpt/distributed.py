@@ -18,7 +18,6 @@ import torch
 import torch.distributed as dist
 
 from smallgpt.errors import SmallGPTError
-from smallgpt.loader import RandomBatches
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -98,10 +97,9 @@ class Runtime:
 
 def start(device_name: str = "auto") -> Runtime:
     """Join the torchrun process group if launched by torchrun, and pick this process's device."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size, rank, local_rank = _launch_env()
     if world_size == 1:
         return Runtime(0, 0, 1, pick_device(device_name))
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     device = pick_device(device_name)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)  # one GPU per process on each machine
@@ -109,41 +107,53 @@ def start(device_name: str = "auto") -> Runtime:
     elif device.type == "mps":
         raise SmallGPTError("multi-process training needs CUDA GPUs or CPUs, not MPS")
     if not dist.is_initialized():
+        # DDP's first use imports torch.distributed.nn, whose functions take `group=group.WORLD` as a
+        # default argument. Imported after the group exists, those defaults would hold it for good, so
+        # `stop` could never join its worker threads (see there). Imported now, they hold None.
+        from torch.distributed import nn  # noqa: F401
+
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return Runtime(rank, local_rank, world_size, device)
 
 
+LAUNCH_HINT = "launch multi-process training with torchrun --nproc_per_node=N -m smallgpt train ..."
+
+
+def _launch_env() -> tuple[int, int, int]:
+    """(WORLD_SIZE, RANK, LOCAL_RANK) as torchrun sets them, checked: a stray WORLD_SIZE fails here."""
+    values = {}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        text = os.environ.get(name)
+        try:
+            values[name] = None if text is None else int(text)
+        except ValueError:
+            raise SmallGPTError(f"{name}={text!r} is not a whole number: {LAUNCH_HINT}") from None
+    world_size = values["WORLD_SIZE"] if values["WORLD_SIZE"] is not None else 1
+    if world_size < 1:
+        raise SmallGPTError(f"WORLD_SIZE={world_size} must be at least 1: {LAUNCH_HINT}")
+    if world_size == 1:
+        return 1, 0, 0
+    missing = [n for n in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if n not in os.environ]
+    if missing:
+        raise SmallGPTError(f"WORLD_SIZE={world_size} is set but {', '.join(missing)} not: {LAUNCH_HINT}")
+    rank, local_rank = values["RANK"], values["LOCAL_RANK"]
+    if not 0 <= rank < world_size or local_rank < 0:
+        raise SmallGPTError(f"RANK={rank} is outside a world of WORLD_SIZE={world_size}: {LAUNCH_HINT}")
+    return world_size, rank, local_rank
+
+
 def stop(runtime: Runtime) -> None:
+    """Leave the process group and join its worker threads. Drop every DDP wrapper first.
+
+    gloo runs each collective on a worker thread, which lets go of the collective's tensors only after
+    waking the caller. If the process group outlived this call (a DDP wrapper holds it too), those
+    threads would still be running while Python shuts down; one releasing the last reference to a
+    tensor then needs the interpreter lock, is made to exit by Python mid-destructor, and the C++
+    runtime aborts the process ("terminate called without an active exception", SIGABRT). Destroying
+    the last reference here joins the threads while the interpreter is fully alive.
+    """
     if runtime.distributed and dist.is_initialized():
         dist.destroy_process_group()
-
-
-class DeviceBatches:
-    """Micro-batches already on the device, one drawn ahead; on CUDA copied from pinned memory so the
-    copy overlaps the previous step's compute. `state_dict` excludes the batch drawn ahead."""
-
-    def __init__(self, sampler: RandomBatches, device: torch.device):
-        self.sampler, self.device = sampler, device
-        self._fetch()
-
-    def _fetch(self) -> None:
-        self.state_before_ahead = self.sampler.state_dict()
-        x, y = self.sampler.next_batch()
-        if self.device.type == "cuda":
-            x, y = x.pin_memory(), y.pin_memory()
-        self.ahead = (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = self.ahead
-        self._fetch()
-        return batch
-
-    def state_dict(self) -> dict:
-        return self.state_before_ahead
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state)
-        self._fetch()
 
 
 class StopSignal:

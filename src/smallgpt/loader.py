@@ -173,3 +173,31 @@ def sequential_batches(
     block_starts = np.arange(rank, (len(tokens) - 1) // block_size, world_size) * block_size
     for first in range(0, len(block_starts), batch_size):
         yield _windows(tokens, block_starts[first : first + batch_size], block_size)
+
+
+class DeviceBatches:
+    """Micro-batches already on the device, one drawn ahead; on CUDA copied from pinned memory so the
+    copy overlaps the previous step's compute. `state_dict` excludes the batch drawn ahead."""
+
+    def __init__(self, sampler: RandomBatches, device: torch.device):
+        self.sampler, self.device = sampler, device
+        self._fetch()
+
+    def _fetch(self) -> None:
+        self.state_before_ahead = self.sampler.state_dict()
+        x, y = self.sampler.next_batch()
+        if self.device.type == "cuda":
+            x, y = x.pin_memory(), y.pin_memory()
+        self.ahead = (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.ahead
+        self._fetch()
+        return batch
+
+    def state_dict(self) -> dict:
+        return self.state_before_ahead
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+        self._fetch()

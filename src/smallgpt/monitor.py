@@ -1,9 +1,10 @@
 """What a training run shows and records: progress bar, `metrics.jsonl`, TensorBoard, loss plot, MFU.
 
-MFU (model FLOPs utilisation) = FLOPs the model needs per token x tokens per second / the device's
-peak. The peak is not taken from a datasheet: `measure_matmul_peak` times a large matmul in the
-training dtype on this very device, so the figure says how much of the attainable speed the whole
-training step reaches (data loading, optimizer and Python included).
+MFU (model FLOPs utilisation) = FLOPs the model needs per token x tokens per second / the peak of all
+the devices that train (one per process). The peak is measured: `measure_matmul_peak` times a large
+matmul in the training dtype on this very device, so the figure says how much of the attainable speed
+the whole training step reaches (data loading, optimizer and Python included). Where the datasheet's
+peak is known (`datasheet_peak`), MFU against it is reported beside, labelled, as papers quote it.
 """
 
 from __future__ import annotations
@@ -47,6 +48,18 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
         synchronize(device)
         best = max(best, 2 * size**3 * repeats / (time.perf_counter() - started))
     return best
+
+
+# Dense (no sparsity) tensor-core peaks from NVIDIA's datasheets, FLOP/s; the first matching name wins.
+DATASHEET_BF16_PEAKS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12}
+
+
+def datasheet_peak(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The datasheet's bf16/fp16 peak FLOP/s of this GPU, where this module knows it."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in DATASHEET_BF16_PEAKS.items() if key in name), None)
 
 
 def trim_metrics(run_dir: Path, last_step: int) -> None:
@@ -110,9 +123,13 @@ class RunMonitor:
         flops_per_token: int,
         measure_peak: Callable[[], float],
         enabled: bool,
+        devices: int = 1,
+        datasheet_peak: float | None = None,
     ) -> None:
         self.run_dir, self.console, self.enabled = run_dir, console, enabled
         self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+        # tokens_per_step counts every process's tokens, so the peak is that of every device.
+        self.devices, self.datasheet_peak = devices, datasheet_peak
         # Re-measured at every evaluation, keeping the best: a peak timed while other jobs held the
         # cores would understate the device and overstate MFU.
         self.measure_peak = measure_peak
@@ -139,12 +156,14 @@ class RunMonitor:
         now = time.perf_counter()
         tokens_per_s = (step - self.last_step) * self.tokens_per_step / max(now - self.last_time, 1e-9)
         self.last_step, self.last_time = step, now
-        mfu = self.flops_per_token * tokens_per_s / self.peak_flops
-        self._record(
-            {"kind": "train", "step": step, "tokens": step * self.tokens_per_step, "loss": loss, "lr": lr,
-             "tokens_per_s": tokens_per_s, "mfu": mfu}
-        )  # fmt: skip
-        status = f"loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s  MFU {mfu:.1%}"
+        flops_per_s = self.flops_per_token * tokens_per_s / self.devices
+        record = {"kind": "train", "step": step, "tokens": step * self.tokens_per_step, "loss": loss,
+                  "lr": lr, "tokens_per_s": tokens_per_s, "mfu": flops_per_s / self.peak_flops}  # fmt: skip
+        status = f"loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s  MFU {record['mfu']:.1%}"
+        if self.datasheet_peak:
+            record["mfu_datasheet"] = flops_per_s / self.datasheet_peak
+            status += f" ({record['mfu_datasheet']:.1%} of datasheet peak)"
+        self._record(record)
         self.progress.update(self.task, completed=step, status=status)
         if not self.console.is_terminal:  # logs and pipes get a line instead of a redrawn bar
             self.console.print(f"step {step}: {status}", highlight=False)

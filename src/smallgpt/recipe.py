@@ -54,7 +54,7 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps
     dtype: str = "auto"  # auto (bf16, or fp16 + gradient scaling, on CUDA; fp32 elsewhere) or a name
-    compile: bool = True  # torch.compile the model (CUDA only)
+    compile: bool | None = None  # torch.compile the model; None = on CUDA only (CPU: slow to start)
     fused_loss: bool = True  # chunked linear + cross-entropy (smallgpt.loss) instead of full logits
     sample_tokens: int = 200  # tokens of generated text printed at the end; 0 = none
     # Tokens the final validation pass scores (from the start of the split); None = all, 0 = skip it.
@@ -161,6 +161,15 @@ def resolve_config(
     return RunConfig(
         with_overrides(base.model, model_values), with_overrides(base.train, train_values), base.preset
     )
+
+
+def config_file_keys(config_file: str | Path | None) -> set[str]:
+    """The settings a TOML config file sets, at top level or in its [model] / [train] tables."""
+    if config_file is None:
+        return set()
+    values = tomllib.loads(Path(config_file).read_text())  # resolve_config has refused a bad file
+    tables = [v for k, v in values.items() if k in ("model", "train") and isinstance(v, dict)]
+    return set(values).union(*tables)
 
 
 def saved_state(run_dir: str | Path) -> dict:

@@ -17,6 +17,7 @@ The loop never waits for the device except at log/eval steps (`.item()`), so a G
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from contextlib import nullcontext
@@ -45,16 +46,17 @@ from smallgpt.checkpoint import (
     step_checkpoints,
 )
 from smallgpt.config import GPT2_VOCAB_SIZE
-from smallgpt.distributed import DeviceBatches, Runtime, StopSignal, autocast, pick_dtype
+from smallgpt.distributed import Runtime, StopSignal, autocast, pick_dtype
 from smallgpt.errors import SmallGPTError, first_line
 from smallgpt.evaluate import estimate_loss, full_pass_loss, perplexity
 from smallgpt.files import atomic_write_dir, atomic_write_text, remove_temporaries
-from smallgpt.loader import RandomBatches, data_identity, load_split, same_data
+from smallgpt.loader import DeviceBatches, RandomBatches, data_identity, load_split, same_data
 from smallgpt.model import GPT
-from smallgpt.monitor import RunMonitor, measure_matmul_peak, trim_metrics
+from smallgpt.monitor import RunMonitor, datasheet_peak, measure_matmul_peak, trim_metrics
 from smallgpt.recipe import (
     RunConfig,
     TrainConfig,
+    config_file_keys,
     keep_schedule,
     learning_rate_at,
     recorded_data,
@@ -138,8 +140,8 @@ class Trainer:
             load_weights_into(self.model, weights)
         self.model.train()
         self.train_model = self.model
-        if cfg.compile and device.type == "cuda":
-            self.train_model = torch.compile(self.model)
+        if cfg.compile or (cfg.compile is None and device.type == "cuda"):
+            self.train_model = torch.compile(self.model)  # CPUs: inductor, which needs a C++ compiler
         if runtime.distributed:
             ids = [device.index] if device.type == "cuda" else None
             self.train_model = torch.nn.parallel.DistributedDataParallel(self.train_model, device_ids=ids)
@@ -222,6 +224,7 @@ class Trainer:
             self.out_dir, self.console, start_step=self.step, max_steps=cfg.max_iters,
             tokens_per_step=self.tokens_per_update, flops_per_token=self.model.flops_per_token(),
             measure_peak=lambda: measure_matmul_peak(rt.device, self.dtype), enabled=rt.is_main,
+            devices=rt.world_size, datasheet_peak=datasheet_peak(rt.device, self.dtype),
         )  # fmt: skip
         stop = StopSignal()
         try:
@@ -369,11 +372,18 @@ def train(
     init_from: str | Path | None = None,
     console: Console | None = None,
     allow_different_data: bool = False,
+    fit_micro_batch: bool = False,
 ) -> TrainResult:
-    """Train `run` on a prepared data dir into `out_dir`; under torchrun, this process's share of it."""
+    """Train `run` on a prepared data dir into `out_dir`; under torchrun, this process's share of it.
+
+    `fit_micro_batch`: the micro-batch was not chosen by the user, so pick one that fits the world size.
+    """
     runtime = distributed.start(run.train.device)
     console = console if runtime.is_main and console is not None else Console(quiet=not runtime.is_main)
+    trainer = None
     try:
+        if fit_micro_batch:
+            run = micro_batch_for_world(run, runtime.world_size, console)
         trainer = Trainer(
             run, Path(data_dir), Path(out_dir), runtime, console, resume=resume, init_from=init_from,
             allow_different_data=allow_different_data,
@@ -390,7 +400,25 @@ def train(
             )
         return result
     finally:
+        if trainer is not None:
+            trainer.train_model = trainer.model  # drop the DDP wrapper: it holds the process group
         distributed.stop(runtime)
+
+
+def micro_batch_for_world(run: RunConfig, world_size: int, console: Console) -> RunConfig:
+    """`run` with the largest micro-batch (at most its own) that shares batch_size evenly over the
+    processes, said once; unchanged when its own already does or when none can."""
+    cfg = run.train
+    if cfg.batch_size % (cfg.micro_batch_size * world_size) == 0 or cfg.batch_size % world_size:
+        return run
+    per_process = cfg.batch_size // world_size
+    micro = max(m for m in range(1, cfg.micro_batch_size + 1) if per_process % m == 0)
+    console.print(
+        f"micro_batch_size {cfg.micro_batch_size} -> {micro}: {world_size} processes share each update's "
+        f"{cfg.batch_size} sequences (set micro_batch_size to choose)",
+        highlight=False,
+    )
+    return dataclasses.replace(run, train=dataclasses.replace(cfg, micro_batch_size=micro))
 
 
 def _print_sample(model: GPT, cfg: TrainConfig, console: Console) -> None:
@@ -452,7 +480,8 @@ def train_command(
 
     data = data_dir_for(data)
     out_dir = out if out is not None else Path("runs") / run.preset
+    chosen = "micro_batch_size" in overrides or "micro_batch_size" in config_file_keys(config_file)
     return train(
         run, data, out_dir, resume=resume, init_from=init_from, console=console,
-        allow_different_data=allow_different_data,
+        allow_different_data=allow_different_data, fit_micro_batch=not (resume or chosen),
     )  # fmt: skip

@@ -1,0 +1,69 @@
+"""The fused head + cross-entropy (smallgpt.loss) in reduced precision and under no_grad."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+from training_helpers import single_thread  # noqa: F401 (an autouse fixture)
+
+from smallgpt.loss import linear_cross_entropy
+
+N, V, C = 1024, 1024, 32  # rows, vocabulary, width: small enough for CPU fp16, big enough to underflow
+
+
+def head_inputs():
+    """Final hidden states (LayerNorm output) and a head at GPT-2's initialisation (std 0.02)."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = F.layer_norm(torch.randn(N, C, generator=gen), (C,))
+    weight = torch.randn(V, C, generator=gen) * 0.02
+    return hidden, weight, torch.randint(0, V, (N,), generator=gen)
+
+
+def fused(hidden, weight, targets):
+    return linear_cross_entropy(hidden, weight, targets, V, chunk_rows=256)
+
+
+def plain(hidden, weight, targets):
+    return F.cross_entropy((hidden @ weight.t()).float(), targets)
+
+
+def gradients(loss_fn, dtype, scale=2.0**16):
+    """dL/dhidden and dL/dweight with the matmuls in `dtype`, the loss scaled as GradScaler scales it."""
+    hidden, weight, targets = head_inputs()
+    hidden.requires_grad_(), weight.requires_grad_()
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        loss = loss_fn(hidden, weight, targets)
+    (loss * scale).backward()
+    return hidden.grad / scale, weight.grad / scale
+
+
+def relative_error(got, expected):
+    return ((got - expected).norm() / expected.norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_head_gradients_are_as_accurate_as_the_plain_loss(dtype):
+    """fp16 once lost the head gradient: dL/dz = (softmax - onehot) / rows was cast to fp16 before the
+    loss scale was applied, so small probabilities underflowed (3.5x the plain loss's error here)."""
+    reference = gradients(plain, torch.float32, scale=1.0)
+    pairs = zip(gradients(fused, dtype), gradients(plain, dtype), reference, strict=True)
+    for fused_grad, plain_grad, exact in pairs:
+        fused_error, plain_error = relative_error(fused_grad, exact), relative_error(plain_grad, exact)
+        assert fused_error <= 1.1 * plain_error, (fused_error, plain_error)
+        assert plain_error < (1e-3 if dtype == torch.float16 else 1e-2)  # the dtype's own rounding
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_matmul_work_is_the_forward_alone_under_no_grad(dtype):
+    """Evaluation pays for the logits only (2NVC FLOPs); training adds the two gradient matmuls (4NVC),
+    in forward, or for fp16 in backward after recomputing the logits (2NVC more)."""
+    hidden, weight, targets = head_inputs()
+    weight.requires_grad_()  # as the model's head always is, even during evaluation
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        with FlopCounterMode(display=False) as no_grad_flops, torch.no_grad():
+            fused(hidden, weight, targets)
+        with FlopCounterMode(display=False) as training_flops:
+            fused(hidden, weight, targets).backward()
+    forward = 2 * N * V * C
+    assert no_grad_flops.get_total_flops() == forward
+    assert training_flops.get_total_flops() == (4 if dtype == torch.float16 else 3) * forward
