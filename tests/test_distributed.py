@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import assert_one_line_error
 from rich.console import Console
 from training_helpers import (
     ONE_THREAD_ENV,
@@ -123,8 +124,7 @@ def test_world_size_without_rank_fails_in_one_line_at_the_cli(tmp_path):
     env = {k: v for k, v in ONE_THREAD_ENV.items() if k not in ("RANK", "LOCAL_RANK")}
     command = [sys.executable, "-m", "smallgpt", "train", "--data", str(write_data(tmp_path)), *cli_args()]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env={**env, "WORLD_SIZE": "2"})
-    assert result.returncode == 1 and result.stderr.startswith("error: WORLD_SIZE=2 is set but RANK")
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert_one_line_error(result, "error: WORLD_SIZE=2 is set but RANK")
 
 
 @pytest.mark.parametrize(

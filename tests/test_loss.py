@@ -4,7 +4,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
-from training_helpers import single_thread  # noqa: F401 (an autouse fixture)
 
 from smallgpt.loss import linear_cross_entropy
 
