@@ -102,7 +102,7 @@ def bad_files(tmp_path, tiny_data):
     (tmp_path / "odd" / "train.bin").write_bytes(b"\x01" * 4001)
     (tmp_path / "odd" / "val.bin").write_bytes(b"\x01" * 4000)
     (tmp_path / "a_file").write_text("in the way")
-    huge = {**ModelConfig().to_dict(), "n_layer": 10**6, "n_embd": 200_000, "n_head": 1}
+    huge = {**ModelConfig().to_dict(), "n_layer": 4096, "n_embd": 2**20, "n_head": 1}
     crafted_weights(tmp_path / "huge.safetensors", huge)
     crafted_weights(tmp_path / "wrong.safetensors", ModelConfig(n_layer=1).to_dict())
     crafted_weights(tmp_path / "typed.safetensors", {**ModelConfig().to_dict(), "n_layer": "2"})
@@ -138,7 +138,7 @@ TRAIN = ["train", "--data", "{data}", "--out", "{tmp}/run", *cli_args(max_iters=
         (["export", "{tmp}/gpt2.safetensors", "--out", "/dev/null/x"], "cannot create --out directory"),
         (["import", "{tmp}", "--out", "{tmp}/a_file", "--force"], "is a file, not a directory"),
         # weights files whose metadata lies or is damaged: refused before building the model
-        (["sample", "{tmp}/huge.safetensors"], "do not match their config: it needs at least 40,"),
+        (["sample", "{tmp}/huge.safetensors"], "do not match their config: it needs at least 4,503,"),
         (["eval", "{tmp}/wrong.safetensors", "--data", "{data}"], "do not match their config: it needs"),
         (["sample", "{tmp}/typed.safetensors"], "bad value for n_layer: '2' is str, not int"),
         (["export", "{tmp}/notjson.safetensors", "--out", "{tmp}/hf"], "damaged model config (not JSON)"),

@@ -39,6 +39,11 @@ def test_overrides_are_typed():
         (["bias=maybe"], "not a boolean"),
         (["n_layer"], "expected key=value"),
         (["dropout=1.5"], "dropout"),
+        (["block_size=99999999999999999999"], "block_size and vocab_multiple must be at most 2,147,483,648"),
+        (["n_layer=5000"], "n_layer must be at most 4,096"),
+        (["n_embd=2000000", "n_head=1"], "n_embd must be at most 1,048,576"),
+        (["n_layer=2.0"], "'2.0' is not int"),
+        (["dropout=nan"], "dropout: nan is not a finite number"),
     ],
 )
 def test_bad_overrides_are_refused(pairs, message):
@@ -56,3 +61,23 @@ def test_from_dict_round_trip_and_unknown_fields():
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(SmallGPTError, match="unknown model config field"):
         ModelConfig.from_dict({**cfg.to_dict(), "rope": True})
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"micro_batch_size": 0}, "micro_batch_size must be at least 1"),
+        ({"seed": -1}, r"seed must be in \[0, 2\*\*63\), not -1"),
+        ({"seed": 2**63}, "seed must be in"),
+        ({"max_iters": 2.5}, "max_iters: 2.5 is float, not int"),
+        ({"compile": "yes please"}, "'yes please' is not a boolean"),
+        ({"keep_last": True}, "keep_last: True is bool, not int"),
+        ({"learning_rate": float("inf")}, "learning_rate: inf is not a finite number"),
+    ],
+)
+def test_bad_training_values_are_refused_from_any_source(values, message):
+    from smallgpt.recipe import TrainConfig
+
+    with pytest.raises(SmallGPTError, match=message):
+        with_overrides(TrainConfig(), values)
+    assert with_overrides(TrainConfig(), {"seed": 2**63 - 1, "learning_rate": 1}).learning_rate == 1.0

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from smallgpt.errors import SmallGPTError
 
 GPT2_VOCAB_SIZE = 50257  # 50,000 BPE merges + 256 byte tokens + <|endoftext|>
+MAX_LAYERS, MAX_WIDTH, MAX_ROWS = 4096, 2**20, 2**31  # sizes refused as absurd (see __post_init__)
 SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63: what numpy, torch and JSON all accept
 
 
@@ -76,7 +77,13 @@ class ModelConfig:
             (self.n_embd >= 1, "n_embd must be at least 1"),
             (self.vocab_multiple >= 1, "vocab_multiple must be at least 1"),
             (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
-        ]
+            # Far beyond any real model, and what keeps every tensor size within int64 and every
+            # model buildable (on the meta device, for counting) in reasonable time.
+            (self.n_layer <= MAX_LAYERS, f"n_layer must be at most {MAX_LAYERS:,}"),
+            (self.n_embd <= MAX_WIDTH, f"n_embd must be at most {MAX_WIDTH:,}"),
+            (max(self.vocab_size, self.block_size, self.vocab_multiple) <= MAX_ROWS,
+             f"vocab_size, block_size and vocab_multiple must be at most {MAX_ROWS:,}"),
+        ]  # fmt: skip
         for ok, message in checks:
             if not ok:
                 raise SmallGPTError(f"bad model config: {message}")

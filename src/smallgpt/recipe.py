@@ -66,7 +66,7 @@ class TrainConfig:
         checks = [
             (self.max_iters >= 1, "max_iters must be at least 1"),
             (self.micro_batch_size >= 1, "micro_batch_size must be at least 1"),
-            (self.batch_size >= 1 and self.batch_size % self.micro_batch_size == 0,
+            (self.batch_size >= 1 and self.batch_size % max(self.micro_batch_size, 1) == 0,
              f"batch_size {self.batch_size} must be a positive multiple of micro_batch_size "
              f"{self.micro_batch_size}"),
             (self.learning_rate > 0 and math.isfinite(self.learning_rate), "learning_rate must be > 0"),
