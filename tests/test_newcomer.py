@@ -15,13 +15,8 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import Progress
-from training_helpers import (
-    cli_args,
-    metrics,
-    single_thread,  # noqa: F401 (an autouse fixture)
-    tiny_run,
-    write_data,
-)
+from conftest import write_data
+from training_helpers import cli_args, metrics, tiny_run
 
 from smallgpt import cli
 from smallgpt.checkpoint import save_weights
