@@ -1,6 +1,7 @@
 """Load on `smallgpt serve`: many clients at once against a `tiny` model, on this machine.
 
-    .venv/bin/python benchmarks/serve_load.py          (about 1-3 minutes on 2 cores)
+    .venv/bin/python benchmarks/serve_load.py                 (1,000 requests; about 1-3 minutes on 2 cores)
+    .venv/bin/python benchmarks/serve_load.py --compare       (batching vs --max-batch 1, same run)
 
 Starts `smallgpt serve` in a child process on a free 127.0.0.1 port (a random-weight `tiny` checkpoint
 unless --checkpoint is given), then sends --requests completions from --concurrency client threads,
@@ -8,11 +9,17 @@ each with keep-alive, max_tokens 16 by default, seed = request number. Every res
 with one choice and usage counts, else it counts as a failure. Prints requests/s, latency percentiles
 and generated tokens/s. Only loopback is contacted; each request has a timeout and the whole run a
 deadline, so it always ends.
+
+--compare measures what continuous batching buys, both servers in the same run on the same machine:
+generated tokens/s at --concurrency 16 with --max-batch 16 against the one-at-a-time baseline
+(--max-batch 1), and on the batching server the wall time of 16 simultaneous requests against one
+alone (median of --repeats each).
 """
 
 import argparse
 import http.client
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -41,7 +48,9 @@ def random_tiny_checkpoint(directory: Path) -> Path:
     return path
 
 
-def start_server(checkpoint: Path, log_path: Path) -> tuple[subprocess.Popen, int]:
+def start_server(
+    checkpoint: Path, log_path: Path, max_batch: int, threads: int | None
+) -> tuple[subprocess.Popen, int]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -55,9 +64,12 @@ def start_server(checkpoint: Path, log_path: Path) -> tuple[subprocess.Popen, in
         str(port),
         "--device",
         "cpu",
+        "--max-batch",
+        str(max_batch),
     ]
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     with open(log_path, "w") as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and server.poll() is None:
         try:
@@ -133,44 +145,83 @@ def run_load(port: int, bodies: list[dict], concurrency: int, deadline: float, s
     return results, failures, wall
 
 
+def report(results, failures, wall: float, stream: bool) -> float:
+    """Print the run's figures; returns generated tokens/s."""
+    latencies = [r[0] for r in results]
+    print(f"failures:     {len(failures)}" + (f"  (first: {failures[0]})" if failures else ""))
+    tokens_per_s = sum(r[2] for r in results) / wall
+    if len(latencies) >= 2:
+        print(f"throughput:   {len(results) / wall:.1f} requests/s, {tokens_per_s:.0f} generated tokens/s")
+        p50, p99 = (percentile(latencies, q) * 1000 for q in (50, 99))
+        print(f"latency:      p50 {p50:.0f} ms, p99 {p99:.0f} ms")
+        if stream:
+            print(f"first text:   p50 {percentile([r[1] for r in results], 50) * 1000:.0f} ms")
+    print(f"wall time:    {wall:.1f} s")
+    return tokens_per_s
+
+
+def compare(args, checkpoint: Path, tmp: Path, bodies: list[dict]) -> int:
+    """Batching (--max-batch 16) against one at a time (--max-batch 1); returns the failure count."""
+    rates, failed = {}, 0
+    for max_batch in (1, 16):
+        server, port = start_server(checkpoint, tmp / f"server-{max_batch}.log", max_batch, args.threads)
+        try:
+            run_load(port, bodies[:16], args.concurrency, args.deadline, args.stream)  # warm-up
+            print(f"--max-batch {max_batch}:")
+            results, failures, wall = run_load(port, bodies, args.concurrency, args.deadline, args.stream)
+            rates[max_batch], failed = report(results, failures, wall, args.stream), failed + len(failures)
+            if max_batch == 16:
+                one, sixteen = [], []
+                for _ in range(args.repeats):
+                    one.append(run_load(port, bodies[:1], 1, args.deadline, args.stream)[2])
+                    sixteen.append(run_load(port, bodies[:16], 16, args.deadline, args.stream)[2])
+                one_s, sixteen_s = statistics.median(one), statistics.median(sixteen)
+                print(f"one request alone: {one_s * 1000:.0f} ms; 16 at once: {sixteen_s * 1000:.0f} ms "
+                      f"= {sixteen_s / one_s:.1f}x (median of {args.repeats})")  # fmt: skip
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    print(f"batching speed-up: {rates[16] / rates[1]:.1f}x the generated tokens/s of --max-batch 1")
+    return failed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--requests", type=int, default=None, help="default 1000; 160 with --compare")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
+    parser.add_argument("--compare", action="store_true", help="--max-batch 16 against 1, same run")
+    parser.add_argument("--repeats", type=int, default=5, help="--compare: timings of 1 vs 16 requests")
     parser.add_argument("--stream", action="store_true", help="stream every response (SSE)")
+    parser.add_argument("--threads", type=int, help="the server's torch threads (default: torch's)")
     parser.add_argument("--checkpoint", help="model to serve (default: a random-weight tiny model)")
     parser.add_argument("--deadline", type=float, default=900, help="give up after this many seconds")
     args = parser.parse_args()
+    requests = args.requests or (160 if args.compare else 1000)
 
     body = {"max_tokens": args.max_tokens, "stream": args.stream}
     if args.stream:
         body["stream_options"] = {"include_usage": True}
-    bodies = [{**body, "prompt": f"Request {i} says", "seed": i} for i in range(args.requests)]
+    bodies = [{**body, "prompt": f"Request {i} says", "seed": i} for i in range(requests)]
+    print(f"server:       smallgpt serve {args.checkpoint or 'a random-weight tiny model'} on 127.0.0.1")
+    load = f"{requests} requests, {args.concurrency} at a time, max_tokens {args.max_tokens}"
+    print(f"load:         {load}{', streamed' if args.stream else ''}")
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(args.checkpoint) if args.checkpoint else random_tiny_checkpoint(Path(tmp))
-        server, port = start_server(checkpoint, Path(tmp) / "server.log")
-        try:
-            results, failures, wall = run_load(port, bodies, args.concurrency, args.deadline, args.stream)
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
-
-    latencies = [r[0] for r in results]
-    streamed = ", streamed" if args.stream else ""
-    print(f"server:       smallgpt serve {args.checkpoint or 'a random-weight tiny model'} on 127.0.0.1")
-    load = f"{args.requests} requests, {args.concurrency} at a time, max_tokens {args.max_tokens}"
-    print(f"load:         {load}{streamed}")
-    print(f"failures:     {len(failures)}" + (f"  (first: {failures[0]})" if failures else ""))
-    if len(latencies) >= 2:
-        tokens_per_s = sum(r[2] for r in results) / wall
-        print(f"throughput:   {len(results) / wall:.1f} requests/s, {tokens_per_s:.0f} generated tokens/s")
-        p50, p99 = (percentile(latencies, q) * 1000 for q in (50, 99))
-        print(f"latency:      p50 {p50:.0f} ms, p99 {p99:.0f} ms")
-        if args.stream:
-            print(f"first text:   p50 {percentile([r[1] for r in results], 50) * 1000:.0f} ms")
-    print(f"wall time:    {wall:.1f} s")
-    if failures:
+        if args.compare:
+            failed = compare(args, checkpoint, Path(tmp), bodies)
+        else:
+            server, port = start_server(checkpoint, Path(tmp) / "server.log", args.max_batch, args.threads)
+            try:
+                results, failures, wall = run_load(port, bodies, args.concurrency, args.deadline, args.stream)
+            finally:
+                server.terminate()
+                server.wait(timeout=30)
+            print(f"--max-batch {args.max_batch}:")
+            report(results, failures, wall, args.stream)
+            failed = len(failures)
+    if failed:
         sys.exit(1)
 
 

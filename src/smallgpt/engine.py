@@ -296,9 +296,11 @@ class Engine:
     def _inference(self):
         """Inference mode and eval mode (no dropout); a model in training mode is put back."""
         was_training = self.model.training
-        self.model.eval()
+        if was_training:
+            self.model.eval()
         try:
             with torch.inference_mode():
                 yield
         finally:
-            self.model.train(was_training)
+            if was_training:
+                self.model.train()

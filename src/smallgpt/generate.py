@@ -71,8 +71,11 @@ def sample_next_token(
     """
     if params.greedy:
         return logits.argmax(dim=-1)
-    # Shift the best score to 0 before dividing: a tiny temperature then gives -inf, never inf - inf.
-    logits = (logits.float() - logits.max(dim=-1, keepdim=True).values) / params.temperature
+    logits = logits.float()
+    if params.temperature < 1e-3:  # shift the best score to 0 first: then -inf, never inf - inf
+        logits = (logits - logits.max(dim=-1, keepdim=True).values) / params.temperature
+    elif params.temperature != 1:  # (softmax shifts by the maximum itself)
+        logits = logits / params.temperature
     candidates = None  # when set, column j of the scores belongs to token candidates[:, j]
     if params.top_k is not None and params.top_k < logits.shape[-1]:
         logits, candidates = logits.topk(params.top_k, dim=-1)  # sorted, most probable first

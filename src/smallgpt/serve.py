@@ -121,13 +121,15 @@ class EngineWorker:
                 log.exception("generation failed")
                 changed = [(s, "", exc) for s in self.engine.abandon()]
             for sequence, delta, result in changed:
-                loop, queue, index = sequence.listener
-                loop.call_soon_threadsafe(queue.put_nowait, (index, delta, result))
+                loop, queue, index, wants_deltas = sequence.listener
+                if wants_deltas or result is not None:  # a plain request waits for the end only
+                    loop.call_soon_threadsafe(queue.put_nowait, (index, delta, result))
 
     async def run(
-        self, http: Request, requests: list[EngineRequest]
+        self, http: Request, requests: list[EngineRequest], deltas: bool = True
     ) -> AsyncIterator[tuple[int, str, Completion | None]]:
-        """(choice index, text delta, final Completion or None) as produced, choice i = requests[i].
+        """(choice index, text delta, final Completion or None) as produced, choice i = requests[i];
+        without `deltas`, only the final (index, "", Completion) of each choice.
 
         Refuses with `Overloaded` when the pool and queue are full. Stops early when the client
         disconnects; the worker then drops the request's sequences at its next step.
@@ -140,7 +142,7 @@ class EngineWorker:
         try:
             for index, request in enumerate(requests):
                 sequences.append(self.engine.prepare(request))
-                sequences[-1].listener = (loop, queue, index)
+                sequences[-1].listener = (loop, queue, index, deltas)
             self.engine.enqueue(sequences)
             self.wake.set()
             unfinished = len(sequences)
@@ -204,7 +206,7 @@ class Server:
             param = "logprobs" if body.logprobs is not None else "echo"
             return error_response(400, f"{param} is not supported with stream", param=param)
         reply = dict(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.model_name)
-        events = self.worker.run(http, self.engine_requests(body, prompts))
+        events = self.worker.run(http, self.engine_requests(body, prompts), deltas=body.stream)
         try:
             first = await anext(events, None)  # admission (429) is decided before any header is sent
         except Overloaded:
