@@ -5,7 +5,7 @@ import time
 
 import pytest
 import torch
-from test_generate import LONG_PROMPT, one_thread, small_model  # noqa: F401 (one_thread: autouse)
+from test_generate import LONG_PROMPT, small_model
 
 from smallgpt.engine import Engine, Request
 from smallgpt.generate import SamplingParams

@@ -2,12 +2,12 @@
 prompt run alone, float64 top-k / top-p sets, argmax, and the `smallgpt sample` command as users run it."""
 
 import dataclasses
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import ONE_THREAD_ENV, smallgpt
 
 from smallgpt.checkpoint import save_weights
 from smallgpt.config import ModelConfig
@@ -20,15 +20,6 @@ from smallgpt.tokenizer import EOT_ID, decode, encode
 # Tiny, with a small context so that 200 new tokens cross it several times.
 SMALL = ModelConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
 LONG_PROMPT = "It was the best of times, it was the worst of times, it was the age of wisdom, " * 3
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: threads only add synchronisation, which stalls badly on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def small_model(seed: int = 0, **overrides) -> GPT:
@@ -255,8 +246,9 @@ def test_int8_weights_keep_the_distribution_and_leave_the_model_alone():
     assert kl.max() < 0.01
     assert (exact.argmax(-1) == approx.argmax(-1)).float().mean() >= 0.9
     assert model.lm_head.weight is model.transformer.wte.weight  # the original is untouched
-    [completion] = Engine(quantized).generate(["Hello"], SamplingParams(40, seed=0))
-    assert len(completion.token_ids) == 40
+    greedy = SamplingParams(40, temperature=0)  # 40 tokens: past the 32-token context too
+    [completion] = Engine(quantized).generate(["Hello"], greedy)
+    assert completion.token_ids == reference_generate(quantized, "Hello", greedy)
 
 
 def test_model_with_another_vocabulary_is_refused():
@@ -272,14 +264,6 @@ def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
     save_weights(small_model(), path)
     return path
-
-
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # as the fixture above, for the subprocesses
-
-
-def smallgpt(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "smallgpt", *args]
-    return subprocess.run(command, capture_output=True, text=True, input=stdin, env=ONE_THREAD, timeout=120)
 
 
 def test_sample_streams_the_prompt_and_its_greedy_continuation(checkpoint, tmp_path):
@@ -334,7 +318,7 @@ def test_sample_seeds_num_samples_empty_prompt_and_interactive(checkpoint):
     assert one != two
     assert "starting from <|endoftext|>" in first.stderr
     interactive = ("sample", str(checkpoint), "--interactive", "--max-new-tokens=5", "--int8")
-    session = smallgpt(*interactive, stdin="Hi\nHo\n")
+    session = smallgpt(*interactive, input="Hi\nHo\n")
     assert session.returncode == 0 and session.stderr.count("[5 tokens,") == 2
     assert "Hi" in session.stdout and "Ho" in session.stdout
 
@@ -359,7 +343,7 @@ def test_sample_bad_input_gives_one_line_errors(checkpoint, tmp_path):
     # All at once: each is a fresh Python process, and they mostly wait on imports.
     command = [sys.executable, "-m", "smallgpt", "sample"]
     runs = [
-        subprocess.Popen([*command, *args], stdout=-1, stderr=-1, text=True, env=ONE_THREAD)
+        subprocess.Popen([*command, *args], stdout=-1, stderr=-1, text=True, env=ONE_THREAD_ENV)
         for args, _ in cases
     ]
     for (args, message), run in zip(cases, runs, strict=True):

@@ -219,16 +219,24 @@ def test_prompt_longer_than_the_context_is_refused_unless_truncation_is_asked(cl
     assert results[0].usage.prompt_tokens == 128
 
 
-def test_extreme_but_valid_values_are_served(client):
+def test_extreme_but_valid_values_are_served(client, reference):
     greedy = client.completions.create(model="tiny", prompt="Edge", max_tokens=6, temperature=0)
     nucleus = client.completions.create(model="tiny", prompt="Edge", max_tokens=6, top_p=5e-324, seed=1)
     assert nucleus.choices[0].text == greedy.choices[0].text  # a vanishing nucleus is the top token
-    for options in [
-        dict(prompt="", seed=2**63 - 1, n=2),  # empty prompt; choice seeds wrap around
-        dict(prompt="Edge", temperature=1e308, extra_body={"top_k": 10**9}, seed=-(2**63)),
-    ]:
-        result = client.completions.create(model="tiny", max_tokens=3, **options)
-        assert all(c.finish_reason in ("stop", "length") for c in result.choices)
+    # An empty prompt starts from <|endoftext|>; choice seeds wrap around 2**64 (seed i = seed + i).
+    edge = client.completions.create(model="tiny", prompt="", max_tokens=3, seed=2**63 - 1, n=2)
+    want = [expected(reference, "", max_new_tokens=3, seed=s).text for s in (2**63 - 1, 2**63)]
+    assert [c.text for c in edge.choices] == want
+    hot = dict(temperature=1e308, top_k=10**9)  # every token equally likely; the seed as torch takes it
+    result = client.completions.create(
+        model="tiny",
+        prompt="Edge",
+        max_tokens=3,
+        seed=-(2**63),
+        temperature=1e308,
+        extra_body={"top_k": 10**9},
+    )
+    assert result.choices[0].text == expected(reference, "Edge", max_new_tokens=3, seed=2**63, **hot).text
 
 
 def test_models_health_schema_and_playground(client, server):
