@@ -1,4 +1,4 @@
-"""Where a training run executes: device, number format, processes, and how batches and signals arrive.
+"""Where a training run executes: device, number format, processes, and how stop signals arrive.
 
 One process trains on one device. Under `torchrun` there are WORLD_SIZE processes (RANK 0..W-1, one per
 GPU, possibly on several machines); each draws its own micro-batches, and DistributedDataParallel
