@@ -148,9 +148,10 @@ def prepare(
     console.print(statistics_table(meta))
     if meta["val_carved_tokens"]:
         console.print(
-            f"validation: {meta['total']['documents']:,} document(s) are too few to split by document, "
-            f"so the last {meta['val_carved_tokens']:,} tokens of the stream are held out instead",
+            f"validation: {meta['total']['documents']:,} document(s) are too few to split by document; "
+            f"held out the last {meta['val_carved_tokens']:,} tokens of the stream instead",
             highlight=False,
+            soft_wrap=True,
         )
     if meta["replaced_characters"]:
         console.print(f"{meta['replaced_characters']:,} invalid UTF-8 sequences replaced with U+FFFD")

@@ -153,6 +153,7 @@ class _ProgressBar:
     """Documents and tokens so far, with their rates, on stderr (gone once the table is printed)."""
 
     def __init__(self, total: int | None, enabled: bool) -> None:
+        console = Console(stderr=True)
         self.progress = Progress(
             SpinnerColumn(),
             TextColumn("[bold]tokenizing"),
@@ -160,9 +161,9 @@ class _ProgressBar:
             TextColumn("{task.completed:,} docs · {task.fields[tokens]:.1f}M tokens"),
             TextColumn("· {task.fields[docs_rate]:,.0f} docs/s · {task.fields[tokens_rate]:.2f}M tokens/s"),
             TimeElapsedColumn(),
-            console=Console(stderr=True),
+            console=console,
             transient=True,
-            disable=not enabled,
+            disable=not enabled or not console.is_terminal,  # a log would get only a blank line
         )
         self.task = self.progress.add_task("", total=total, tokens=0.0, docs_rate=0.0, tokens_rate=0.0)
         self.started = time.perf_counter()
