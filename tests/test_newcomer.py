@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import write_data
 from rich.console import Console
 from rich.progress import Progress
-from conftest import write_data
 from training_helpers import cli_args, metrics, tiny_run
 
 from smallgpt import cli
