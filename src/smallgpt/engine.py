@@ -2,12 +2,12 @@
 
     submit(request) -> waiting queue
     step():  sequences whose client left are dropped
-             waiting requests join while the pool has free rows: their prompt is prefilled (and
-               scored, if asked) into a row of their own
-             every active sequence samples one token (its own random stream, so its text does not
-               depend on what else is in the batch) and turns it into text
+             waiting requests join while the pool has free rows, each in a row of its own: a long
+               prompt is prefilled (and scored, if asked); a short one is fed by the decode steps
+             every active sequence past its prompt samples one token (its own random stream, so its
+               text does not depend on what else is in the batch) and turns it into text
              finished sequences leave at once: <|endoftext|>, a stop string, max_new_tokens, deadline
-             one batched decode step feeds every remaining sequence its new token
+             one batched decode step feeds every remaining sequence its new (or next prompt) token
 
 `smallgpt sample` calls `step` until its samples are done; the server runs it on a worker thread and
 hands each sequence's text to its HTTP response (`smallgpt.serve`).
@@ -33,6 +33,12 @@ from smallgpt.generate import RowText, SamplingParams, sample_next_token
 from smallgpt.kvcache import DecodeStep, KVPool
 from smallgpt.model import GPT
 from smallgpt.tokenizer import EOT_ID, encode, get_tokenizer
+
+# Prompts up to this many tokens are not prefilled on their own but fed through the batched decode
+# steps, one token per step beside everyone else's: a separate prefill forward costs about as much as
+# a whole decode step for a small model, and batching prefills together would make a row's arithmetic
+# depend on its batch-mates (see `DecodeStep`). Longer prompts and prompts to score are prefilled.
+FEED_UP_TO = 16
 
 # A token's score: (token id, log-probability, [(id, log-probability) of the most probable tokens]).
 TokenScore = tuple[int, float, list[tuple[int, float]]]
@@ -83,6 +89,7 @@ class Sequence:
         self.logits: torch.Tensor | None = None  # next-token scores (vocab,)
         self.listener = None  # who to tell about new text (the server's queue for this request)
         self.cached = 0  # tokens in its KV-cache row
+        self.feed: list[int] = []  # prompt tokens still to go through decode steps (short prompts)
 
     @property
     def done(self) -> bool:
@@ -213,6 +220,9 @@ class Engine:
         row, request = len(self.active), sequence.request
         self.active.append(sequence)
         scoring_only = request.params.max_new_tokens == 0
+        if not (scoring_only or request.echo) and len(request.prompt) <= min(FEED_UP_TO, self.capacity):
+            sequence.feed = list(request.prompt)  # through the shared decode steps, one token a step
+            return
         # Only scoring: the last prompt token predicts nothing, so the model need not see it.
         window = (request.prompt[:-1] if scoring_only else request.prompt)[-self.capacity :]
         if scoring_only and not request.echo:
@@ -239,7 +249,8 @@ class Engine:
         """One token per active sequence; sequences with the same sampler settings share one call."""
         groups = defaultdict(list)
         for sequence in self.active:
-            groups[sequence.request.params.sampler].append(sequence)
+            if not sequence.feed:  # (a sequence still feeding its prompt has nothing to sample from)
+                groups[sequence.request.params.sampler].append(sequence)
         now = time.monotonic()
         for group in groups.values():
             logits = torch.stack([s.logits for s in group])
@@ -255,14 +266,16 @@ class Engine:
                 sequence.add(token, self.tokenizer.decode_single_token_bytes(token), now)
 
     def _advance(self) -> None:
-        """Feed every active sequence its newest token: one batched decode step for all rows."""
+        """Feed every active sequence its newest token (or its prompt's next one): one batched decode
+        step for all rows."""
         if not self.active:
             return
         for row, sequence in enumerate(self.active):
             if sequence.cached == self.capacity:  # window full: recompute it, the newest token aside
                 self.pool.prefill(self.model, row, sequence.history[-self.capacity : -1])
                 sequence.cached = self.capacity - 1
-        tokens = torch.tensor([s.history[-1] for s in self.active], device=self.device)
+        fed = [s.feed.pop(0) if s.feed else s.history[-1] for s in self.active]
+        tokens = torch.tensor(fed, device=self.device)
         logits = self.decode(tokens)
         for sequence, row_logits in zip(self.active, logits, strict=True):
             sequence.logits = row_logits
