@@ -1,13 +1,12 @@
 """The paths a newcomer walks first: one default dataset, small corpora, the final pass, the CLI's seams.
 
-Commands run in-process through `smallgpt.cli.main` (what the `smallgpt` script calls), so each check
-sees the exit status and the exact lines a user sees, at a fraction of a subprocess's cost.
+Commands run in-process (conftest's `cli` fixture calls `smallgpt.cli.main`, what the `smallgpt`
+script calls), so each check sees the exit status and the exact lines a user sees.
 """
 
 import io
 import json
 import math
-import sys
 
 import numpy as np
 import pytest
@@ -18,7 +17,6 @@ from rich.console import Console
 from rich.progress import Progress
 from training_helpers import cli_args, metrics, tiny_run
 
-from smallgpt import cli
 from smallgpt.checkpoint import save_weights
 from smallgpt.distributed import Runtime
 from smallgpt.evaluate import full_pass_loss
@@ -32,16 +30,9 @@ from smallgpt.train import train
 CPU = Runtime(0, 0, 1, torch.device("cpu"))
 
 
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """`smallgpt ARGS` in-process: (exit status, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["smallgpt", *map(str, args)])
-    status = 0
-    try:
-        cli.main()
-    except SystemExit as exit_:
-        status = exit_.code if isinstance(exit_.code, int) else 1
-    out, err = capsys.readouterr()
-    return status, out, err
+def words(*args) -> list[str]:
+    """Command-line words from paths and strings."""
+    return [str(arg) for arg in args]
 
 
 def one_line_error(result: tuple[int, str, str]) -> str:
@@ -93,30 +84,30 @@ def test_final_eval_tokens_zero_skips_the_pass(tmp_path):
 # --- §2 one default dataset -------------------------------------------------------------------
 
 
-def test_prepare_default_without_out_shows_where_the_default_dataset_lives(tmp_path, monkeypatch, capsys):
+def test_prepare_default_without_out_shows_where_the_default_dataset_lives(tmp_path, monkeypatch, cli):
     from smallgpt import prepare
 
     (tmp_path / "a.txt").write_text("A stand-in for the bundled corpus. " * 40)
     where = tmp_path / "cache" / "data" / "default"
     prepare_corpus(str(tmp_path / "a.txt"), where, show_progress=False)
     monkeypatch.setattr(prepare, "default_data_dir", lambda force=False: where)
-    status, out, _ = run_cli(monkeypatch, capsys, "prepare", "default")
+    status, out, _ = cli(*words("prepare", "default"))
     flat = " ".join(out.split())
     assert status == 0 and f"the bundled corpus is prepared in {where}: --data default names it" in flat
     assert "Dataset statistics" in flat and prepare.data_dir_for("default") == where
-    refused = run_cli(monkeypatch, capsys, "prepare", "default", "--val-fraction", "0.2")
+    refused = cli(*words("prepare", "default", "--val-fraction", "0.2"))
     assert "--out DIR is needed" in one_line_error(refused)
 
 
 # --- §3 small corpora ---------------------------------------------------------------------------
 
 
-def test_few_documents_get_validation_carved_from_the_stream(tmp_path, monkeypatch, capsys):
+def test_few_documents_get_validation_carved_from_the_stream(tmp_path, cli):
     texts = tmp_path / "texts"
     texts.mkdir()
     for i in range(40):  # at 0.5% per document, most seeds leave validation empty
         (texts / f"{i:02d}.txt").write_text(f"Note {i}: the quick brown fox jumps over the lazy dog.\n")
-    status, out, _ = run_cli(monkeypatch, capsys, "prepare", texts, "--out", tmp_path / "data", "--quiet")
+    status, out, _ = cli(*words("prepare", texts, "--out", tmp_path / "data", "--quiet"))
     assert status == 0 and "too few to split by document" in " ".join(out.split())
     meta = json.loads((tmp_path / "data" / "meta.json").read_text())
     total = meta["total"]["tokens"]
@@ -133,88 +124,88 @@ def test_few_documents_get_validation_carved_from_the_stream(tmp_path, monkeypat
     assert np.array_equal(np.concatenate([train_bin, val_bin]), stream) and len(stream) == total
 
 
-def test_a_ten_token_corpus_names_the_smallest_trainable_context(tmp_path, monkeypatch, capsys):
+def test_a_ten_token_corpus_names_the_smallest_trainable_context(tmp_path, cli):
     texts = tmp_path / "texts"
     texts.mkdir()
     (texts / "a.txt").write_text("One document.\n")
     (texts / "b.txt").write_text("Another one.\n")
     assert prepare_corpus(str(texts), tmp_path / "data", show_progress=False)["total"]["tokens"] == 10
     args = ["train", "--data", tmp_path / "data", "--out", tmp_path / "run"]
-    error = one_line_error(run_cli(monkeypatch, capsys, *args))
+    error = one_line_error(cli(*words(*args)))
     assert "8 training tokens, fewer than one training window" in error and "block_size=7 or less" in error
     fits = cli_args(vocab_size=50257, block_size=7, max_iters=2, eval_interval=1, final_eval_tokens=None)
-    status, out, err = run_cli(monkeypatch, capsys, *args, *fits)
+    status, out, err = cli(*words(*args, *fits))
     assert status == 0, err
     assert "full validation pass" in out  # the 2 carved tokens are scored as one shorter block
 
 
-def test_val_fraction_zero_data_is_refused_with_the_way_out(tmp_path, monkeypatch, capsys):
+def test_val_fraction_zero_data_is_refused_with_the_way_out(tmp_path, cli):
     (tmp_path / "a.txt").write_text("Some text of mine. " * 50)
     prepare_corpus(str(tmp_path / "a.txt"), tmp_path / "data", val_fraction=0, show_progress=False)
-    error = one_line_error(run_cli(monkeypatch, capsys, "train", "--data", tmp_path / "data"))
+    error = one_line_error(cli(*words("train", "--data", tmp_path / "data")))
     assert "no validation split (prepared with --val-fraction 0)" in error
 
 
 # --- §5 CLI seams -----------------------------------------------------------------------------
 
 
-def test_model_shows_trains_default_preset_and_its_recipe(monkeypatch, capsys):
-    status, out, _ = run_cli(monkeypatch, capsys, "model", "--json")
+def test_model_shows_trains_default_preset_and_its_recipe(cli):
+    status, out, _ = cli(*words("model", "--json"))
     summary = json.loads(out)
     assert status == 0 and summary["preset"] == DEFAULT_PRESET == resolve_config().preset
     assert summary["train"] == json.loads(json.dumps(vars(TRAIN_PRESETS["tiny"])))
-    status, out, _ = run_cli(monkeypatch, capsys, "model", "--preset", "tiny")
+    status, out, _ = cli(*words("model", "--preset", "tiny"))
     flat = " ".join(out.split())
     assert status == 0 and "training recipe (smallgpt train --preset tiny):" in flat
     assert "warmup_iters=10" in flat and "min_lr=0.0003" in flat and "eval_interval=50" in flat
 
 
-def test_model_takes_key_value_like_train(monkeypatch, capsys):
-    as_option = json.loads(run_cli(monkeypatch, capsys, "model", "--n_layer", "2", "--json")[1])
-    as_pair = json.loads(run_cli(monkeypatch, capsys, "model", "n_layer=2", "--json")[1])
+def test_model_takes_key_value_like_train(cli):
+    as_option = json.loads(cli(*words("model", "--n_layer", "2", "--json"))[1])
+    as_pair = json.loads(cli(*words("model", "n_layer=2", "--json"))[1])
     assert as_option["config"]["n_layer"] == as_pair["config"]["n_layer"] == 2
     assert as_option["parameters"] == as_pair["parameters"]
 
 
-def test_an_unquoted_glob_gets_a_hint_to_quote_it(tmp_path, monkeypatch, capsys):
+def test_an_unquoted_glob_gets_a_hint_to_quote_it(tmp_path, cli):
     for name in ("a.txt", "b.txt"):
         (tmp_path / name).write_text("text")
     expanded = [tmp_path / "a.txt", tmp_path / "b.txt"]  # what the shell makes of my-texts/*.txt
-    error = one_line_error(run_cli(monkeypatch, capsys, "prepare", *expanded, "--out", tmp_path / "o"))
+    error = one_line_error(cli(*words("prepare", *expanded, "--out", tmp_path / "o")))
     assert "a glob is expanded by the shell unless quoted" in error
-    error = one_line_error(run_cli(monkeypatch, capsys, "train", *expanded))
+    error = one_line_error(cli(*words("train", *expanded)))
     assert "an unquoted glob? quote it" in error
 
 
-def test_data_given_a_file_says_so(tmp_path, monkeypatch, capsys):
+def test_data_given_a_file_says_so(tmp_path, cli):
     data = write_data(tmp_path / "data")
-    error = one_line_error(run_cli(monkeypatch, capsys, "train", "--data", data / "train.bin"))
+    error = one_line_error(cli(*words("train", "--data", data / "train.bin")))
     assert f"--data {data / 'train.bin'} is a file" in error and f"--data {data}" in error
-    error = one_line_error(run_cli(monkeypatch, capsys, "eval", "x", "--data", data / "val.bin"))
+    error = one_line_error(cli(*words("eval", "x", "--data", data / "val.bin")))
     assert "give its directory" in error
-    error = one_line_error(run_cli(monkeypatch, capsys, "plot", data / "train.bin"))
+    error = one_line_error(cli(*words("plot", data / "train.bin")))
     assert "is a file; give the run directory" in error
 
 
-def test_import_of_a_smallgpt_checkpoint_says_use_it_directly(tmp_path, monkeypatch, capsys):
+def test_import_of_a_smallgpt_checkpoint_says_use_it_directly(tmp_path, cli):
     save_weights(GPT(tiny_run().model), tmp_path / "model.safetensors")
-    error = one_line_error(run_cli(monkeypatch, capsys, "import", tmp_path, "--out", tmp_path / "out"))
+    error = one_line_error(cli(*words("import", tmp_path, "--out", tmp_path / "out")))
     assert "is already a SmallGPT checkpoint; use it directly" in error
 
 
-def test_resume_takes_the_run_dir_and_refuses_a_different_out(tmp_path, monkeypatch, capsys):
-    status, out, _ = run_cli(monkeypatch, capsys, "train", "--help")
+def test_resume_takes_the_run_dir_and_refuses_a_different_out(tmp_path, cli):
+    status, out, _ = cli(*words("train", "--help"))
     assert "--resume RUN_DIR" in " ".join(out.split("Options")[0].split())  # in the usage line
     run = tmp_path / "run"
-    error = one_line_error(run_cli(monkeypatch, capsys, "train", "--resume", run, "--out", tmp_path / "x"))
+    error = one_line_error(cli(*words("train", "--resume", run, "--out", tmp_path / "x")))
     assert "continues that run in place: drop --out" in error
-    error = one_line_error(run_cli(monkeypatch, capsys, "train", "--resume", run, "--out", run))
+    error = one_line_error(cli(*words("train", "--resume", run, "--out", run)))
     assert "nothing to resume in" in error  # the same dir twice is fine: it got as far as the run
 
 
-def test_warmup_longer_than_the_run_is_warned_about(tmp_path, monkeypatch, capsys):
+def test_warmup_longer_than_the_run_is_warned_about(tmp_path, cli):
     data = write_data(tmp_path / "data")
     args = cli_args(max_iters=3, warmup_iters=5, eval_interval=3)
-    status, out, err = run_cli(monkeypatch, capsys, "train", "--data", data, "--out", tmp_path / "r", *args)
+    status, out, err = cli(*words("train", "--data", data, "--out", tmp_path / "r", *args))
     assert status == 0, err
     assert "warning: warmup_iters=5 > max_iters=3" in " ".join(out.split())
