@@ -10,8 +10,19 @@ def test_seed_preset_has_about_10_7m_non_embedding_parameters():
     assert 10.6e6 < gpt.num_params() < 10.8e6
 
 
+def test_modern_presets_keep_their_seed_twins_shape_and_size():
+    for seed, modern in (("tiny", "tiny-modern"), ("smallgpt-10m", "smallgpt-10m-modern")):
+        a, b = get_preset(seed), get_preset(modern)
+        assert (a.arch, b.arch) == ("gpt2", "qwen3")
+        assert (a.n_layer, a.n_embd, a.n_head, a.block_size) == (b.n_layer, b.n_embd, b.n_head, b.block_size)
+    # Non-embedding parameters (the untied head counts as a vocabulary matrix): within 10% of the seed's.
+    assert abs(GPT(get_preset("smallgpt-10m-modern")).num_params() / 10.7e6 - 1) < 0.1
+
+
 def test_presets_build_and_gpt2_small_has_124m_parameters():
-    assert set(PRESETS) == {"tiny", "smallgpt-10m", "smallgpt-26m", "gpt2-124m"}
+    assert set(PRESETS) == {
+        "tiny", "tiny-modern", "smallgpt-10m", "smallgpt-10m-modern", "smallgpt-26m", "gpt2-124m"
+    }  # fmt: skip
     cfg = get_preset("gpt2-124m")
     # GPT-2 small: 124,439,808 parameters with the unpadded 50,257-row embedding.
     gpt = GPT(with_overrides(cfg, {"vocab_multiple": "1"}))

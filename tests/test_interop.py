@@ -202,7 +202,7 @@ def bad_inputs(tmp_path_factory):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["import", "llama"], "not a GPT-2 model: config.json has model_type 'llama'"),
+        (["import", "llama"], "not a GPT-2 or Qwen3 model: config.json has model_type 'llama'"),
         (
             ["import", "wider"],
             "shape mismatch: transformer.wte.weight is (50257, 64) but config.json implies (50257, 128)",
@@ -248,7 +248,9 @@ def test_hub_model_id_offline_is_refused_with_the_reason(tmp_path, monkeypatch, 
 def test_refusal_in_a_real_process_has_no_traceback(bad_inputs, tmp_path):
     result = smallgpt("import", str(bad_inputs / "llama"), "--out", str(tmp_path / "run"))
     assert result.returncode == 1
-    assert result.stderr.startswith("error: not a GPT-2 model") and len(result.stderr.splitlines()) == 1
+    assert (
+        result.stderr.startswith("error: not a GPT-2 or Qwen3 model") and len(result.stderr.splitlines()) == 1
+    )
 
 
 def test_force_replaces_only_the_files_the_command_writes(tmp_path, monkeypatch):

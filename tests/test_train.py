@@ -23,8 +23,9 @@ from smallgpt.distributed import Runtime
 from smallgpt.errors import SmallGPTError
 from smallgpt.loader import DeviceBatches, RandomBatches
 from smallgpt.model import GPT
-from smallgpt.recipe import TrainConfig, learning_rate_at, resolve_config, split_cli_args
-from smallgpt.train import Trainer, make_optimizer, train
+from smallgpt.optim import make_optimizer
+from smallgpt.recipe import TrainConfig, resolve_config, split_cli_args
+from smallgpt.train import Trainer, train
 
 
 @pytest.fixture
@@ -62,19 +63,6 @@ def test_seed_recipe_is_the_default():
     )  # fmt: skip
     assert run.model.dropout == 0.1
     assert cfg == TrainConfig()
-
-
-def test_schedule_warms_up_peaks_and_decays_to_the_floor():
-    cfg = TrainConfig(max_iters=1000, warmup_iters=100, learning_rate=1e-3, min_lr=1e-4)
-    assert learning_rate_at(cfg, 0) == pytest.approx(1e-5)  # 1/100 of the peak
-    assert learning_rate_at(cfg, 49) == pytest.approx(5e-4)
-    assert learning_rate_at(cfg, 99) == pytest.approx(1e-3)  # warm-up ends at the peak
-    assert learning_rate_at(cfg, 100) == pytest.approx(1e-3)  # cosine starts at the peak
-    assert learning_rate_at(cfg, 550) == pytest.approx(5.5e-4)  # half-way: mean of peak and floor
-    assert learning_rate_at(cfg, 1000) == pytest.approx(1e-4)
-    assert learning_rate_at(cfg, 5000) == pytest.approx(1e-4)  # stays at the floor
-    rates = [learning_rate_at(cfg, s) for s in range(100, 1000)]
-    assert all(a >= b for a, b in zip(rates, rates[1:], strict=False))
 
 
 def test_weight_decay_applies_to_matrices_only():

@@ -40,15 +40,16 @@ CONFIG_KEY = "smallgpt_model_config"
 
 
 def save_weights(model: GPT, path: Path) -> None:
-    """Write the model's weights and config to one safetensors file (tied head stored once)."""
-    state = {k: v.detach().contiguous() for k, v in _stored(model.state_dict()).items()}
+    """Write the model's weights and config to one safetensors file (a tied head stored once)."""
+    state = {k: v.detach().contiguous() for k, v in _stored(model.state_dict(), model.config).items()}
     metadata = {CONFIG_KEY: json.dumps(model.config.to_dict())}
     save_file(state, str(path), metadata=metadata)
 
 
-def _stored(state: dict) -> dict:
-    """The entries of a state dict that a weights file holds: the tied head is the embedding."""
-    return {name: value for name, value in state.items() if name != "lm_head.weight"}
+def _stored(state: dict, config: ModelConfig) -> dict:
+    """The entries of a state dict that a weights file holds: a tied head is the embedding."""
+    tied = config.tied_head
+    return {name: value for name, value in state.items() if not (tied and name == "lm_head.weight")}
 
 
 def resolve_weights(path: str | Path) -> Path:
@@ -119,12 +120,12 @@ def load_state(model: GPT, weights: Path) -> None:
 
 
 def read_weights(weights: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """A weights file's tensors, with the head tied to the embedding as in `GPT`."""
+    """A weights file's tensors; a head stored only as the embedding (tied, GPT-2) is tied again."""
     try:
         state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError) as exc:
         raise SmallGPTError(f"cannot read weights from {weights} ({exc})") from None
-    if "transformer.wte.weight" in state:
+    if "transformer.wte.weight" in state and "lm_head.weight" not in state:
         state["lm_head.weight"] = state["transformer.wte.weight"]
     return state
 

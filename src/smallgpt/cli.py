@@ -166,7 +166,10 @@ def model(
     ctx: typer.Context,
     preset: Annotated[
         Optional[str],
-        typer.Option(help="Model preset: tiny, smallgpt-10m, smallgpt-26m, gpt2-124m [default: train's]."),
+        typer.Option(
+            help="Model preset: tiny, tiny-modern, smallgpt-10m, smallgpt-10m-modern, smallgpt-26m, "
+            "gpt2-124m [default: train's]."
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
@@ -202,7 +205,9 @@ def model(
     for name, shape, count in rows:
         table.add_row(name, "x".join(map(str, shape)), f"{count:,}")
     console.print(table)
-    console.print(f"total parameters:         {summary['parameters']:,}  (head tied to wte)")
+    head = "head tied to wte" if config.tied_head else "untied head: not counted as non-embedding"
+    console.print(f"architecture:             {config.arch}")
+    console.print(f"total parameters:         {summary['parameters']:,}  ({head})")
     console.print(f"non-embedding parameters: {summary['non_embedding_parameters']:,}")
     console.print(f"training FLOPs per token: {summary['flops_per_token']:,}")
     recipe = " ".join(f"{key}={value}" for key, value in summary["train"].items())
@@ -218,7 +223,10 @@ def train(
     ctx: typer.Context,
     config: Annotated[Optional[str], typer.Option("--config", help="TOML file of settings.")] = None,
     preset: Annotated[
-        Optional[str], typer.Option(help="tiny (default), smallgpt-10m, smallgpt-26m, gpt2-124m.")
+        Optional[str],
+        typer.Option(
+            help="tiny (default), tiny-modern, smallgpt-10m, smallgpt-10m-modern, smallgpt-26m, gpt2-124m."
+        ),
     ] = None,
     data: Annotated[
         Optional[str],

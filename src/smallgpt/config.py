@@ -52,9 +52,16 @@ def check_field_types(config: Any) -> None:
             raise SmallGPTError(f"bad value for {field.name}: {value} is not a finite number")
 
 
+ARCHITECTURES = ("gpt2", "qwen3")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """The shape of a GPT-2-style decoder. Field names follow GPT-2 so the mapping stays obvious."""
+    """The shape of a decoder. Field names follow GPT-2 so the mapping stays obvious.
+
+    `arch` picks the layout of the blocks (see `smallgpt.model`): "gpt2", the seed's, or "qwen3"
+    (RoPE, RMSNorm, QK-norm, SwiGLU, untied head), the layout of transformers' `Qwen3ForCausalLM`.
+    """
 
     vocab_size: int = GPT2_VOCAB_SIZE
     block_size: int = 256  # context length: the most tokens the model attends over
@@ -66,6 +73,7 @@ class ModelConfig:
     # Round the embedding/head rows up to a multiple of this for faster matmuls. The extra rows are
     # never a valid token: the model slices them off its logits, so results do not change. 1 = off.
     vocab_multiple: int = 64
+    arch: str = "gpt2"
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -83,6 +91,7 @@ class ModelConfig:
             (self.n_embd <= MAX_WIDTH, f"n_embd must be at most {MAX_WIDTH:,}"),
             (max(self.vocab_size, self.block_size, self.vocab_multiple) <= MAX_ROWS,
              f"vocab_size, block_size and vocab_multiple must be at most {MAX_ROWS:,}"),
+            (self.arch in ARCHITECTURES, f"arch must be one of {', '.join(ARCHITECTURES)}"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:
@@ -99,6 +108,19 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def ffn_hidden(self) -> int:
+        """The MLP's hidden width: 4C for GPT-2; for SwiGLU's three matrices ~8C/3 (as many
+        parameters), rounded to a multiple of 64 for fast matmuls (1024 for C = 384)."""
+        if self.arch == "qwen3":
+            return max(64, round(8 * self.n_embd / 3 / 64) * 64)
+        return 4 * self.n_embd
+
+    @property
+    def tied_head(self) -> bool:
+        """GPT-2 scores tokens with its embedding matrix; Qwen3 (at this size) has its own head."""
+        return self.arch == "gpt2"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -121,6 +143,11 @@ PRESETS: dict[str, ModelConfig] = {
     "smallgpt-10m": ModelConfig(),
     # The upper end of the seed's 10M-26M range.
     "smallgpt-26m": ModelConfig(n_layer=8, n_head=8, n_embd=512),
+    # The modern recipe's shapes (Qwen3 layout): tiny's and the seed's layers, width and context.
+    "tiny-modern": ModelConfig(
+        block_size=128, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False, arch="qwen3"
+    ),
+    "smallgpt-10m-modern": ModelConfig(dropout=0.0, bias=False, arch="qwen3"),
     # OpenAI's GPT-2 small, for importing its weights.
     "gpt2-124m": ModelConfig(block_size=1024, n_layer=12, n_head=12, n_embd=768, dropout=0.0),
 }

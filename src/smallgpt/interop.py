@@ -1,4 +1,4 @@
-"""Hugging Face GPT-2 interop: the exact weight mapping, and export / import of whole model directories.
+"""Hugging Face interop: GPT-2's exact weight mapping, and export / import of whole model directories.
 
 The two models are the same architecture with the same parameter names (SmallGPT's live under the
 same `transformer.*` prefix). The differences are bookkeeping:
@@ -10,7 +10,8 @@ same `transformer.*` prefix). The differences are bookkeeping:
 generation config, tokenizer); `import_from_hf` reads such a directory into a SmallGPT checkpoint.
 Neither needs `transformers` itself: the files are plain JSON and safetensors. An option one side
 cannot express is refused with a reason, never silently dropped, so a converted model computes
-exactly what the original did.
+exactly what the original did. Models of `arch="qwen3"` travel as `Qwen3ForCausalLM` through the same
+two functions; their mapping lives in `smallgpt.interop_qwen3`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from smallgpt import interop_qwen3 as qwen3
 from smallgpt.checkpoint import WEIGHTS_NAME, load_model, read_model_config, save_weights
 from smallgpt.config import GPT2_VOCAB_SIZE, ModelConfig
 from smallgpt.errors import SmallGPTError, first_line
@@ -57,6 +59,7 @@ EXPORTABLE_FIELDS = {
     "dropout",
     "bias",
     "vocab_multiple",
+    "arch",
 }
 
 SPECIAL_TOKENS = {"bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN}
@@ -83,7 +86,7 @@ def config_from_hf(hf_config: dict, vocab_multiple: int = 64) -> ModelConfig:
     """A SmallGPT config for a GPT-2 `config.json` (as a dict); refuses GPT-2 variants we cannot run."""
     model_type = hf_config.get("model_type")
     if model_type != "gpt2":
-        raise SmallGPTError(f"not a GPT-2 model: config.json has model_type {model_type!r}, expected 'gpt2'")
+        raise SmallGPTError(f"not a GPT-2 or Qwen3 model: config.json has model_type {model_type!r}")
     defaults = {
         "vocab_size": GPT2_VOCAB_SIZE,
         "n_positions": 1024,
@@ -128,6 +131,8 @@ def hf_config_from(config: ModelConfig) -> dict:
         raise SmallGPTError(
             f"cannot export to GPT-2: config field(s) {', '.join(unknown)} have no GPT-2 equivalent"
         )
+    if config.arch != "gpt2":
+        raise SmallGPTError(f"cannot export to GPT-2: arch={config.arch!r} is another architecture")
     if not config.bias:
         raise SmallGPTError(
             "cannot export to GPT-2: bias=False, but GPT-2 has biases in every Linear and LayerNorm"
@@ -192,15 +197,19 @@ def state_dict_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dic
 
 
 def export_to_hf(checkpoint: str | Path, out_dir: str | Path, *, force: bool = False) -> Path:
-    """Write a SmallGPT checkpoint as a Hugging Face GPT-2 directory: weights, configs, tokenizer."""
+    """Write a SmallGPT checkpoint as a Hugging Face GPT-2 or Qwen3 directory: weights, configs, tokenizer."""
     out = _claim_output_dir(out_dir, force, EXPORT_FILES)
     if (out / WEIGHTS_NAME).is_file() and _is_smallgpt_checkpoint(out / WEIGHTS_NAME):
         raise SmallGPTError(f"--out {out} holds a SmallGPT checkpoint, which export would overwrite")
     model = load_model(checkpoint)
-    hf_config = hf_config_from(model.config)
-    hf_state = state_dict_to_hf(model.state_dict(), model.config)
-    # Stored once, as transformers' own save_pretrained does: tie_word_embeddings re-ties it on load.
-    del hf_state["lm_head.weight"]
+    if model.config.arch == "qwen3":
+        hf_config = qwen3.hf_config_from(model.config)
+        hf_state = qwen3.state_dict_to_hf(model.state_dict(), model.config)
+    else:
+        hf_config = hf_config_from(model.config)
+        hf_state = state_dict_to_hf(model.state_dict(), model.config)
+        # Stored once, as transformers' own save_pretrained does: tie_word_embeddings re-ties it on load.
+        del hf_state["lm_head.weight"]
     tokenizer_config = {
         "tokenizer_class": "GPT2Tokenizer",
         "model_max_length": model.config.block_size,
@@ -225,7 +234,7 @@ def export_to_hf(checkpoint: str | Path, out_dir: str | Path, *, force: bool = F
 
 
 def import_from_hf(hf_dir: str | Path, out_dir: str | Path, *, force: bool = False) -> Path:
-    """Read a Hugging Face GPT-2 directory (or Hub model id) into `out_dir/model.safetensors`; returns it."""
+    """Read a Hugging Face GPT-2 or Qwen3 directory (or Hub model id) into `out_dir/model.safetensors`."""
     out = _claim_output_dir(out_dir, force, (WEIGHTS_NAME,))
     hf_dir = find_model_dir(hf_dir)
     if out == hf_dir.resolve():
@@ -233,10 +242,15 @@ def import_from_hf(hf_dir: str | Path, out_dir: str | Path, *, force: bool = Fal
     config_file = hf_dir / "config.json"
     if not config_file.is_file():
         raise SmallGPTError(f"no config.json in {hf_dir} (not a Hugging Face model directory)")
-    config = config_from_hf(_read_json(config_file))
-    hf_state = _checked_hf_state(read_hf_weights(hf_dir), config)
+    hf_config = _read_json(config_file)
+    if hf_config.get("model_type") == "qwen3":
+        config = qwen3.config_from_hf(hf_config)
+        state = qwen3.state_dict_from_hf(_checked_hf_state(read_hf_weights(hf_dir), config), config)
+    else:
+        config = config_from_hf(hf_config)
+        state = state_dict_from_hf(_checked_hf_state(read_hf_weights(hf_dir), config), config)
     model = GPT(config)
-    model.load_state_dict(state_dict_from_hf(hf_state, config))  # casts fp16/bf16 files to fp32
+    model.load_state_dict(state)  # casts fp16/bf16 files to fp32
     _write_outputs(out, {WEIGHTS_NAME: lambda path: save_weights(model, path)})
     return out / WEIGHTS_NAME
 
@@ -298,29 +312,34 @@ def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _checked_hf_state(hf_state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """GPT-2 weights under `transformer.*` names, checked against the shapes `config` implies.
+    """The Hugging Face weights, checked against the names and shapes `config` implies.
 
-    OpenAI's `gpt2` files were saved from the bare `GPT2Model`, so their names lack the `transformer.`
-    prefix; `transformers` adds it on load and so do we.
+    GPT-2: OpenAI's `gpt2` files were saved from the bare `GPT2Model`, so their names lack the
+    `transformer.` prefix; `transformers` adds it on load and so do we. The tied head may be absent.
     """
+    to_hf = qwen3.state_dict_to_hf if config.arch == "qwen3" else state_dict_to_hf
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-        expected = {name: t.shape for name, t in state_dict_to_hf(GPT(config).state_dict(), config).items()}
-    del expected["lm_head.weight"]
-    state = {}
-    for name, tensor in hf_state.items():
-        if name.endswith(MASK_BUFFERS):
-            continue
-        if name != "lm_head.weight" and not name.startswith("transformer."):
-            name = f"transformer.{name}"
-        state[name] = tensor
-    head = state.pop("lm_head.weight", None)
+        expected = {name: t.shape for name, t in to_hf(GPT(config).state_dict(), config).items()}
+    state, head = dict(hf_state), None
+    if config.tied_head:
+        del expected["lm_head.weight"]
+        state = {}
+        for name, tensor in hf_state.items():
+            if name.endswith(MASK_BUFFERS):
+                continue
+            if name != "lm_head.weight" and not name.startswith("transformer."):
+                name = f"transformer.{name}"
+            state[name] = tensor
+        head = state.pop("lm_head.weight", None)
     missing = [name for name in expected if name not in state]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise SmallGPTError(f"missing weights: {missing[0]}{more} not found in the GPT-2 weights")
+        raise SmallGPTError(f"missing weights: {missing[0]}{more} not found in the {config.arch} weights")
     unexpected = sorted(set(state) - set(expected))
     if unexpected:
-        raise SmallGPTError(f"unexpected weight {unexpected[0]}: not a GPT-2 language model SmallGPT can run")
+        raise SmallGPTError(
+            f"unexpected weight {unexpected[0]}: not a {config.arch} language model SmallGPT can run"
+        )
     for name, shape in expected.items():
         if state[name].shape != shape:
             raise SmallGPTError(

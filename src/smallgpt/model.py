@@ -1,14 +1,20 @@
-"""The GPT-2 architecture, top to bottom: attention -> MLP -> block -> GPT.
+"""Two decoder architectures on one skeleton, top to bottom: attention -> MLP -> block -> GPT.
 
     tokens (B, T)
-      -> token embedding + learned position embedding      (B, T, C)
-      -> n_layer x Block:  x = x + Attention(LayerNorm(x))
-                           x = x + MLP(LayerNorm(x))        ("pre-LayerNorm" residual blocks)
-      -> final LayerNorm -> linear head tied to the token embedding -> logits (B, T, vocab)
+      -> token embedding (+ learned position embedding, GPT-2 only)      (B, T, C)
+      -> n_layer x Block:  x = x + Attention(Norm(x))
+                           x = x + MLP(Norm(x))          ("pre-norm" residual blocks)
+      -> final Norm -> linear head -> logits (B, T, vocab)
 
-Parameter names match Hugging Face's `GPT2LMHeadModel` (`transformer.h.0.attn.c_attn`, ...) except
-that our Linear layers store weights as (out, in) where GPT-2's Conv1D stores (in, out); the interop
-module transposes those on the way in and out.
+`config.arch` picks one of two standard layouts; they differ only in the places named for it:
+                 GPT-2 (2019, the seed's)              Qwen3 (the modern recipe's)
+  positions      learned embedding, added to input     rotary (RoPE): queries/keys rotated by position
+  Norm           LayerNorm                             RMSNorm, and per-head RMSNorm on q, k (QK-norm)
+  MLP            4x, GELU                              SwiGLU (gate * up, SiLU), ~8/3x
+  head           tied to the token embedding           its own matrix
+Parameter names follow Hugging Face's `GPT2LMHeadModel` (`transformer.h.0.attn.c_attn`, ...) for both;
+the interop modules rename them to `Qwen3ForCausalLM`'s on the way out. Our Linear layers store weights
+as (out, in); GPT-2's Conv1D stores (in, out), which interop transposes.
 
 Generation uses the same layers through `GPT.forward_cached`, which hands every layer's keys and values
 to a KV cache (`smallgpt.kvcache`) so that each new token costs one position's work instead of the
@@ -26,6 +32,42 @@ import torch.nn.functional as F
 from smallgpt.config import ModelConfig
 from smallgpt.loss import linear_cross_entropy
 
+ROPE_THETA = 10_000.0  # RoPE base: the slowest pair turns once per ~2*pi*10^4 positions
+RMS_NORM_EPS = 1e-6  # Qwen3's
+
+
+def make_norm(config: ModelConfig, dim: int) -> nn.Module:
+    """The normalisation layer: LayerNorm (GPT-2) or RMSNorm, which only rescales (Qwen3)."""
+    if config.arch == "qwen3":
+        return nn.RMSNorm(dim, eps=RMS_NORM_EPS)
+    return nn.LayerNorm(dim, bias=config.bias)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding: rotate each (i, i + D/2) pair of q and k by angle position * f_i.
+
+    A query at position m and a key at position n then score q R(m)^T R(n) k = q R(n - m) k: attention
+    sees only the distance between tokens. Frequencies f_i = theta^(-2i/D), as in Llama and Qwen.
+    """
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        inv_freq = ROPE_THETA ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # a constant, not a weight
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (..., T, head_dim) for integer positions (..., T)."""
+        angles = positions[..., None].float() * self.inv_freq
+        angles = torch.cat([angles, angles], dim=-1)
+        return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x (B, n_head, T, D) rotated: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) per pair."""
+    cos, sin = (t.unsqueeze(-3) if t.dim() == 3 else t for t in rope)  # per-row positions: add heads
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+
 
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention where each position sees only itself and earlier positions."""
@@ -34,16 +76,35 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = config.n_head
         self.dropout = config.dropout
-        # One matmul produces queries, keys and values for all heads at once.
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        # One matmul produces queries, keys and values for all heads at once (GPT-2). Qwen3 keeps
+        # three matrices: Muon orthogonalises each update matrix, and q, k, v are separate maps.
+        C = config.n_embd
+        self.fused_qkv = config.arch == "gpt2"
+        if not self.fused_qkv:
+            self.q_proj, self.k_proj, self.v_proj = (nn.Linear(C, C, bias=config.bias) for _ in range(3))
+            self.q_norm = nn.RMSNorm(config.head_dim, eps=RMS_NORM_EPS)
+            self.k_norm = nn.RMSNorm(config.head_dim, eps=RMS_NORM_EPS)
+        else:
+            self.c_attn = nn.Linear(C, 3 * C, bias=config.bias)
+        self.c_proj = nn.Linear(C, C, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Queries, keys, values (B, T, n_head, head_dim); Qwen3 RMS-normalises each q and k head."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        # (B, T, C) -> (B, n_head, T, head_dim): each head attends independently.
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.fused_qkv:
+            return tuple(t.view(B, T, self.n_head, -1) for t in self.c_attn(x).split(C, dim=2))
+        q, k, v = (proj(x).view(B, T, self.n_head, -1) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        return self.q_norm(q), self.k_norm(k), v
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache=None
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        # (B, T, n_head, head_dim) -> (B, n_head, T, head_dim): each head attends independently.
+        q, k, v = (t.transpose(1, 2) for t in self.project(x))
+        if rope is not None:
+            q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         # softmax(q k^T / sqrt(head_dim) + causal mask) v, through PyTorch's fused kernels
         # (FlashAttention / memory-efficient attention where the device has them).
         if cache is None:
@@ -57,17 +118,34 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: expand 4x, GELU (GPT-2's tanh approximation), project back."""
+    """GPT-2's position-wise feed-forward: expand 4x, GELU (tanh approximation), project back."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, config.ffn_hidden, bias=config.bias)
         self.gelu = nn.GELU(approximate="tanh")
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.ffn_hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class SwiGLU(nn.Module):
+    """Qwen3's feed-forward: a SiLU-activated gate multiplies a second projection, then back to C.
+
+    Three matrices instead of two, so the hidden width is ~8/3 C for the parameters of a 4x MLP.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.c_gate = nn.Linear(config.n_embd, config.ffn_hidden, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, config.ffn_hidden, bias=config.bias)
+        self.c_proj = nn.Linear(config.ffn_hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.silu(self.c_gate(x)) * self.c_fc(x)))
 
 
 class Block(nn.Module):
@@ -75,13 +153,15 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config)
+        self.ln_2 = make_norm(config, config.n_embd)
+        self.mlp = SwiGLU(config) if config.arch == "qwen3" else MLP(config)
 
-    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache=None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, cache)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -92,24 +172,34 @@ class GPT(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
-                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-            )
+        modules = dict(
+            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            ln_f=make_norm(config, config.n_embd),
         )
+        if config.arch == "gpt2":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        self.transformer = nn.ModuleDict(modules)
+        self.rotary = Rotary(config.head_dim) if config.arch == "qwen3" else None
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
-        # Weight tying: the head that scores tokens is the embedding that represents them.
-        self.lm_head.weight = self.transformer.wte.weight
+        if config.tied_head:
+            # Weight tying: the head that scores tokens is the embedding that represents them.
+            self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
-        # GPT-2: scale the init of layers that write into the residual stream by 1/sqrt(2 * n_layer),
-        # since each of the 2 * n_layer sub-layers adds to it and the variance would otherwise grow.
         for name, param in self.named_parameters():
-            if name.endswith("c_proj.weight"):
+            if not name.endswith("c_proj.weight"):
+                continue
+            if config.arch == "qwen3":
+                # Layers that write into the residual stream start at zero: each block begins as the
+                # identity and grows into its role (as in modded-nanogpt); Muon's first update is full-rank.
+                nn.init.zeros_(param)
+            else:
+                # GPT-2: scale their init by 1/sqrt(2 * n_layer), since each of the 2 * n_layer
+                # sub-layers adds to the residual stream and its variance would otherwise grow.
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if not config.tied_head:
+            nn.init.zeros_(self.lm_head.weight)  # a uniform first guess; the head learns from there
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -118,15 +208,25 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    def embed(self, idx: torch.Tensor, positions: torch.Tensor):
+        """Token vectors (B, T, C), and the rotary angles attention needs (None for GPT-2).
+
+        Positions enter here and only here: added as learned vectors (GPT-2) or, for Qwen3, as
+        rotations of each layer's queries and keys.
+        """
+        x = self.transformer.wte(idx)
+        if self.rotary is None:
+            return self.transformer.drop(x + self.transformer.wpe(positions)), None
+        return self.transformer.drop(x), self.rotary(positions)
+
     def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
-        """Final-LayerNorm output (B, T, C) for token ids (B, T)."""
+        """Final-norm output (B, T, C) for token ids (B, T)."""
         T = idx.shape[1]
         if self.config.block_size < T:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
-        positions = torch.arange(T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        x, rope = self.embed(idx, torch.arange(T, device=idx.device))
         for block in self.transformer.h:
-            x = block(x)
+            x = block(x, rope)
         return self.transformer.ln_f(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
@@ -150,22 +250,25 @@ class GPT(nn.Module):
         sampling needs, or (B, T, vocab) for every position (to score a prompt). Pure tensor work, so
         a decode step can be captured in a CUDA graph.
         """
-        x = self.transformer.wte(idx) + self.transformer.wpe(positions)
+        x, rope = self.embed(idx, positions)
         for block, layer_cache in zip(self.transformer.h, cache.layers, strict=True):
-            x = block(x, layer_cache)
+            x = block(x, rope, layer_cache)
         x = self.transformer.ln_f(x[:, -1] if last_only else x)
         return self.lm_head(x)[..., : self.config.vocab_size]
 
     # --- bookkeeping used by the CLI, training and benchmarks ---
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; by default without the token embedding, as the seed counted (~10.7M).
+        """Parameter count; by default without the vocabulary matrices, as the seed counted (~10.7M).
 
-        The head is tied to the token embedding, so it is counted once, as part of the embedding.
+        A tied head is the token embedding, so it is counted once; an untied head is left out of the
+        non-embedding count like the embedding, so the two architectures compare by their blocks.
         """
         total = sum(p.numel() for p in self.parameters())
         if non_embedding:
             total -= self.transformer.wte.weight.numel()
+            if not self.config.tied_head:
+                total -= self.lm_head.weight.numel()
         return total
 
     def flops_per_token(self) -> int:

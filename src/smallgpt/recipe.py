@@ -2,7 +2,8 @@
 
 A run is fully described by a `RunConfig`: the model's shape (`smallgpt.config.ModelConfig`) and the
 recipe below, whose defaults are the seed's (smallgpt-10m: 5000 updates of 8,192 tokens, AdamW 3e-4,
-cosine decay). Precedence, lowest first: preset -> TOML file -> `key=value` overrides. Every checkpoint
+cosine decay); the `-modern` presets train with Muon and a warm-up/constant/decay schedule instead.
+Precedence, lowest first: preset -> TOML file -> `key=value` overrides. Every checkpoint
 stores its RunConfig, so `--resume` and `smallgpt eval` need nothing else.
 """
 
@@ -25,6 +26,7 @@ from smallgpt.config import (
 )
 from smallgpt.distributed import DTYPES
 from smallgpt.errors import SmallGPTError
+from smallgpt.optim import OPTIMIZERS, SCHEDULES
 
 try:
     import tomllib
@@ -39,11 +41,15 @@ class TrainConfig:
     max_iters: int = 5000  # optimizer updates
     batch_size: int = 32  # sequences per update, all processes together (x 256 tokens = 8,192)
     micro_batch_size: int = 8  # sequences per forward/backward; the rest of the update is accumulated
-    learning_rate: float = 3e-4  # the peak, reached at the end of warm-up
-    min_lr: float = 3e-5  # the floor the cosine decays to
+    optimizer: str = "adamw"  # adamw, or muon: Muon for the blocks' matrices, AdamW for the rest
+    learning_rate: float = 3e-4  # AdamW's peak, reached at the end of warm-up
+    muon_lr: float = 0.02  # Muon's peak (optimizer=muon only)
+    min_lr: float = 3e-5  # the floor the schedule decays to (AdamW's; Muon's is in proportion)
+    schedule: str = "cosine"  # cosine: warm-up, cosine decay; wsd: warm-up, constant, linear decay
+    decay_fraction: float = 0.5  # wsd: the share of the updates spent decaying
     warmup_iters: int = 100
     lr_decay_iters: int = 0  # updates until the floor is reached; 0 = max_iters
-    weight_decay: float = 0.1  # AdamW decay on matrices (dim >= 2) only, never biases or LayerNorm
+    weight_decay: float = 0.1  # on matrices (dim >= 2) only, never biases or norms; Muon's too
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # largest global gradient norm; 0 = no clipping
@@ -70,6 +76,10 @@ class TrainConfig:
              f"batch_size {self.batch_size} must be a positive multiple of micro_batch_size "
              f"{self.micro_batch_size}"),
             (self.learning_rate > 0 and math.isfinite(self.learning_rate), "learning_rate must be > 0"),
+            (self.muon_lr > 0 and math.isfinite(self.muon_lr), "muon_lr must be > 0"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
+            (0 < self.decay_fraction <= 1, "decay_fraction must be in (0, 1]"),
             (0 <= self.min_lr <= self.learning_rate, "min_lr must be in [0, learning_rate]"),
             (self.warmup_iters >= 0 and self.lr_decay_iters >= 0, "warmup/decay iters must be >= 0"),
             (self.weight_decay >= 0 and self.grad_clip >= 0, "weight_decay and grad_clip must be >= 0"),
@@ -96,6 +106,21 @@ TRAIN_PRESETS = {
         warmup_iters=10, eval_interval=50, eval_iters=4, log_interval=10,
     ),
 }  # fmt: skip
+# The modern recipe (Muon + AdamW, warm-up/constant/linear decay to zero); rates from the sweep in
+# benchmarks/RESULTS.md. Same tokens per update and the same evaluation cadence as their seed twins.
+MODERN = dict(
+    optimizer="muon",
+    schedule="wsd",
+    muon_lr=0.02,
+    learning_rate=6e-3,
+    min_lr=0.0,
+    beta1=0.8,
+    beta2=0.95,
+    weight_decay=0.0,
+    grad_clip=0.0,
+)
+TRAIN_PRESETS["tiny-modern"] = dataclasses.replace(TRAIN_PRESETS["tiny"], **MODERN)
+TRAIN_PRESETS["smallgpt-10m-modern"] = TrainConfig(**MODERN)
 
 
 @dataclass(frozen=True)
@@ -226,17 +251,6 @@ def split_cli_args(args: list[str]) -> tuple[list[str], dict[str, str]]:
         else:
             positional.append(word)
     return positional, parse_overrides(pairs)
-
-
-def learning_rate_at(cfg: TrainConfig, step: int) -> float:
-    """The learning rate of update `step` (0-based): linear warm-up, cosine decay, then the floor."""
-    if step < cfg.warmup_iters:
-        return cfg.learning_rate * (step + 1) / cfg.warmup_iters
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
-    if step >= decay_iters:
-        return cfg.min_lr
-    progress = (step - cfg.warmup_iters) / max(decay_iters - cfg.warmup_iters, 1)
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
 def require_same_shape(saved: ModelConfig, wanted: ModelConfig, where: Path) -> None:

@@ -1,16 +1,16 @@
 """Training: the seed's recipe as a loop you can read, stop, resume exactly, and spread over many GPUs.
 
-    for each update (one AdamW step):
-        lr <- linear warm-up, then cosine decay to a floor
+    for each update (one optimizer step: AdamW, or Muon + AdamW; see `smallgpt.optim`):
+        lr <- linear warm-up, then cosine decay to a floor (or constant, then a linear decay)
         for each micro-batch of the update:        (under DDP: gradients all-reduced on the last one only)
             loss = model(x, y) / accumulation_steps;  loss.backward()
-        clip the gradient norm to 1.0;  AdamW step (weight decay on matrices only)
+        clip the gradient norm to 1.0;  optimizer step (weight decay on matrices only)
         every log_interval: progress bar, metrics.jsonl;  every eval_interval: val loss, checkpoint, plot
     finally: a full pass over the validation split, and a sample of generated text
 
 Exact resume: every random choice is a pure function of (seed, update, rank). The data sampler is
 counter-based (`smallgpt.loader`) and the dropout RNG is reseeded from (seed, update, rank) before each
-update, so a checkpoint needs no RNG snapshot: weights + AdamW moments + sampler position + step say
+update, so a checkpoint needs no RNG snapshot: weights + optimizer state + sampler position + step say
 everything, and a resumed run computes bit for bit what an uninterrupted one computes (on CPU).
 The loop never waits for the device except at log/eval steps (`.item()`), so a GPU runs ahead freely.
 """
@@ -53,31 +53,18 @@ from smallgpt.files import atomic_write_dir, atomic_write_text, remove_temporari
 from smallgpt.loader import DeviceBatches, RandomBatches, data_identity, load_split, same_data
 from smallgpt.model import GPT
 from smallgpt.monitor import RunMonitor, datasheet_peak, measure_matmul_peak, trim_metrics
+from smallgpt.optim import learning_rate_at, make_optimizer, set_learning_rates
 from smallgpt.recipe import (
     RunConfig,
     TrainConfig,
     config_file_keys,
     keep_schedule,
-    learning_rate_at,
     recorded_data,
     require_same_shape,
     resolve_config,
     saved_state,
     split_cli_args,
 )
-
-
-def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (matmul weights, embeddings), none on biases and LayerNorms."""
-    params = [p for p in model.parameters() if p.requires_grad]  # the tied head appears once
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    # One fused kernel over all parameters: on GPUs, and on CPUs (3x faster than the loop-per-tensor
-    # version for smallgpt-10m here); MPS keeps the default.
-    fused = True if device.type in ("cuda", "cpu") else None
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
 @dataclass
@@ -184,9 +171,8 @@ class Trainer:
 
     def update(self) -> torch.Tensor:
         """One optimizer step at the current step's learning rate; returns the mean loss (on device)."""
-        cfg, lr = self.cfg, learning_rate_at(self.cfg, self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        cfg = self.cfg
+        set_learning_rates(self.optimizer, cfg, self.step)
         torch.manual_seed(
             int(np.random.SeedSequence([cfg.seed, self.step, self.rt.rank]).generate_state(1)[0])
         )

@@ -1,0 +1,88 @@
+"""The modern recipe's optimizer and schedule: Muon owns exactly the block matrices, the schedule has
+its shape, and a Muon run resumes bit for bit."""
+
+import shutil
+
+import pytest
+import torch
+from training_helpers import (
+    final_weights,
+    single_thread,  # noqa: F401 (an autouse fixture)
+    tiny_run,
+    write_data,
+)
+
+from smallgpt.checkpoint import load_checkpoint, step_checkpoints
+from smallgpt.model import GPT
+from smallgpt.optim import learning_rate_at, lr_factor, make_optimizer
+from smallgpt.recipe import TrainConfig, resolve_config
+from smallgpt.train import train
+
+MODERN = dict(arch="qwen3", bias=False, optimizer="muon", schedule="wsd", muon_lr=0.02, min_lr=0.0)
+
+
+def test_muon_holds_exactly_the_block_matrices_and_adamw_the_rest():
+    run = tiny_run(**MODERN)
+    model = GPT(run.model)
+    muon, adamw = make_optimizer(model, run.train, torch.device("cpu")).optimizers
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    names = {id(p): n for n, p in model.named_parameters()}
+    in_muon = {names[id(p)] for group in muon.param_groups for p in group["params"]}
+    in_adamw = {names[id(p)] for group in adamw.param_groups for p in group["params"]}
+    assert in_muon == {
+        f"transformer.h.0.{name}.weight"
+        for name in ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.c_proj", "mlp.c_gate", "mlp.c_fc",
+                     "mlp.c_proj")
+    }  # fmt: skip
+    assert in_adamw == {"transformer.wte.weight", "lm_head.weight", "transformer.ln_f.weight"} | {
+        f"transformer.h.0.{name}.weight" for name in ("ln_1", "ln_2", "attn.q_norm", "attn.k_norm")
+    }
+    assert [g["peak_lr"] for g in muon.param_groups + adamw.param_groups] == [0.02, 1e-2]
+
+
+def test_wsd_schedule_warms_up_holds_then_decays_linearly_to_zero():
+    cfg = TrainConfig(max_iters=1000, warmup_iters=100, learning_rate=1e-3, min_lr=0.0, schedule="wsd")
+    factors = [lr_factor(cfg, step) for step in range(1000)]
+    assert factors[0] == pytest.approx(0.01) and factors[99] == pytest.approx(1.0)  # linear warm-up
+    assert all(f == 1.0 for f in factors[100:501])  # constant until the last half (decay_fraction 0.5)
+    assert factors[750] == pytest.approx(0.5) and factors[999] == pytest.approx(0.002)  # linear to zero
+    assert all(a > b for a, b in zip(factors[500:], factors[501:], strict=False))
+    assert lr_factor(cfg, 1000) == 0.0 and learning_rate_at(cfg, 500) == pytest.approx(1e-3)
+
+
+def test_cosine_schedule_warms_up_peaks_and_decays_to_the_floor():
+    cfg = TrainConfig(max_iters=1000, warmup_iters=100, learning_rate=1e-3, min_lr=1e-4)
+    assert learning_rate_at(cfg, 0) == pytest.approx(1e-5)  # 1/100 of the peak
+    assert learning_rate_at(cfg, 49) == pytest.approx(5e-4)
+    assert learning_rate_at(cfg, 99) == pytest.approx(1e-3)  # warm-up ends at the peak
+    assert learning_rate_at(cfg, 100) == pytest.approx(1e-3)  # cosine starts at the peak
+    assert learning_rate_at(cfg, 550) == pytest.approx(5.5e-4)  # half-way: mean of peak and floor
+    assert learning_rate_at(cfg, 1000) == pytest.approx(1e-4)
+    assert learning_rate_at(cfg, 5000) == pytest.approx(1e-4)  # stays at the floor
+    rates = [learning_rate_at(cfg, s) for s in range(100, 1000)]
+    assert all(a >= b for a, b in zip(rates, rates[1:], strict=False))
+
+
+def test_muon_run_resumes_bit_for_bit_from_its_checkpoint(tmp_path):
+    data = write_data(tmp_path / "data")
+    run = tiny_run(max_iters=20, **MODERN)
+    reference = tmp_path / "reference"
+    train(run, data, reference)
+    state, trainer_state = load_checkpoint(step_checkpoints(reference)[0])  # weights_only=True inside
+    muon_state = trainer_state["optimizer"]["optimizers"][0]["state"]
+    assert state["step"] == 10 and all("momentum_buffer" in s for s in muon_state.values())
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(reference, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-0000020")
+    train(run, data, resumed, resume=True)
+    expected, got = final_weights(reference), final_weights(resumed)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_modern_presets_train_with_muon_at_their_twins_tokens_per_update():
+    for seed, modern in (("tiny", "tiny-modern"), ("smallgpt-10m", "smallgpt-10m-modern")):
+        a, b = resolve_config(seed), resolve_config(modern)
+        assert (a.train.optimizer, b.train.optimizer) == ("adamw", "muon")
+        assert a.train.batch_size * a.model.block_size == b.train.batch_size * b.model.block_size
+        assert a.train.max_iters == b.train.max_iters
