@@ -5,7 +5,9 @@ import shutil
 
 import pytest
 import torch
+from test_distributed import assert_close_weights, torchrun_train
 from training_helpers import (
+    MODERN_SETTINGS,
     final_weights,
     single_thread,  # noqa: F401 (an autouse fixture)
     tiny_run,
@@ -14,17 +16,18 @@ from training_helpers import (
 
 from smallgpt.checkpoint import load_checkpoint, step_checkpoints
 from smallgpt.model import GPT
-from smallgpt.optim import learning_rate_at, lr_factor, make_optimizer
+from smallgpt.optim import learning_rate_at, lr_factor, make_optimizer, set_learning_rates
 from smallgpt.recipe import TrainConfig, resolve_config
 from smallgpt.train import train
 
-MODERN = dict(arch="qwen3", bias=False, optimizer="muon", schedule="wsd", muon_lr=0.02, min_lr=0.0)
+MODERN = {**MODERN_SETTINGS, "muon_lr": 0.02}
 
 
 def test_muon_holds_exactly_the_block_matrices_and_adamw_the_rest():
     run = tiny_run(**MODERN)
     model = GPT(run.model)
-    muon, adamw = make_optimizer(model, run.train, torch.device("cpu")).optimizers
+    optimizer = make_optimizer(model, run.train, torch.device("cpu"))
+    muon, adamw = optimizer.optimizers
     assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
     names = {id(p): n for n, p in model.named_parameters()}
     in_muon = {names[id(p)] for group in muon.param_groups for p in group["params"]}
@@ -37,7 +40,8 @@ def test_muon_holds_exactly_the_block_matrices_and_adamw_the_rest():
     assert in_adamw == {"transformer.wte.weight", "lm_head.weight", "transformer.ln_f.weight"} | {
         f"transformer.h.0.{name}.weight" for name in ("ln_1", "ln_2", "attn.q_norm", "attn.k_norm")
     }
-    assert [g["peak_lr"] for g in muon.param_groups + adamw.param_groups] == [0.02, 1e-2]
+    set_learning_rates(optimizer, run.train, step=4)  # the end of warm-up: the peaks
+    assert [g["lr"] for g in optimizer.param_groups] == [0.02, 1e-2]
 
 
 def test_wsd_schedule_warms_up_holds_then_decays_linearly_to_zero():
@@ -86,3 +90,12 @@ def test_modern_presets_train_with_muon_at_their_twins_tokens_per_update():
         assert (a.train.optimizer, b.train.optimizer) == ("adamw", "muon")
         assert a.train.batch_size * a.model.block_size == b.train.batch_size * b.model.block_size
         assert a.train.max_iters == b.train.max_iters
+
+
+def test_two_gloo_processes_with_muon_match_one_process_with_accumulation(tmp_path):
+    data = write_data(tmp_path / "data")
+    settings = dict(max_iters=10, batch_size=4, micro_batch_size=2, **MODERN)
+    train(tiny_run(**settings), data, tmp_path / "single")
+    result = torchrun_train(data, tmp_path / "ddp", settings)  # 1 micro-batch per process per update
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_close_weights(final_weights(tmp_path / "ddp"), final_weights(tmp_path / "single"))

@@ -9,6 +9,7 @@ import pytest
 import torch
 from rich.console import Console
 from training_helpers import (
+    MODERN_SETTINGS,
     cli_args,
     final_weights,
     metrics,
@@ -87,13 +88,14 @@ class FixedBatches:
         return self.batches.pop(0)
 
 
-def test_gradient_accumulation_equals_one_large_batch(data, tmp_path):
+@pytest.mark.parametrize("recipe", [{}, MODERN_SETTINGS], ids=["seed", "modern"])
+def test_gradient_accumulation_equals_one_large_batch(data, tmp_path, recipe):
     runtime = Runtime(0, 0, 1, torch.device("cpu"))
     big = RandomBatches(np.arange(5000, dtype=np.uint16) % 97, 16, 8, seed=3)
     batches = [big.next_batch() for _ in range(3)]
     results = []
     for micro in (8, 2):  # one batch of 8 vs 4 accumulated micro-batches of 2
-        run = tiny_run(batch_size=8, micro_batch_size=micro, grad_clip=0.5)
+        run = tiny_run(batch_size=8, micro_batch_size=micro, grad_clip=0.5, **recipe)
         trainer = Trainer(run, data, tmp_path / f"run-{micro}", runtime, Console(quiet=True))
         slices = [(x[i : i + micro], y[i : i + micro]) for x, y in batches for i in range(0, 8, micro)]
         trainer.batches = FixedBatches(slices)

@@ -40,6 +40,9 @@ TINY_SETTINGS = {
     "device": "cpu",
 }
 
+# The modern recipe on the same tiny shape: Qwen3 blocks trained by Muon + AdamW.
+MODERN_SETTINGS = {"arch": "qwen3", "bias": False, "optimizer": "muon", "schedule": "wsd", "min_lr": 0.0}
+
 
 def tiny_run(**changes):
     """The tiny RunConfig with `changes` applied (any model or training field)."""

@@ -172,15 +172,17 @@ class GPT(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        modules = dict(
-            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
-            ln_f=make_norm(config, config.n_embd),
+        # GPT-2 learns a vector per position; Qwen3 rotates queries and keys instead (`Rotary`).
+        wpe = nn.Embedding(config.block_size, config.n_embd) if config.arch == "gpt2" else None
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+                **({"wpe": wpe} if wpe is not None else {}),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+                ln_f=make_norm(config, config.n_embd),
+            )
         )
-        if config.arch == "gpt2":
-            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
-        self.transformer = nn.ModuleDict(modules)
         self.rotary = Rotary(config.head_dim) if config.arch == "qwen3" else None
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         if config.tied_head:

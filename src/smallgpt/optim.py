@@ -7,7 +7,7 @@ Two recipes, picked by `TrainConfig.optimizer`:
           the nearest orthogonal one (Newton-Schulz iterations), so every direction of a hidden layer
           learns at the same rate; embeddings and the head are lookups and per-token scores, for
           which that geometry is wrong, so they keep AdamW.
-Each param group remembers its peak rate (`peak_lr`); the schedule scales all of them alike:
+Muon's peak rate is `muon_lr`, AdamW's `learning_rate`; the schedule scales both alike:
   cosine  linear warm-up, cosine decay to min_lr (the seed's)
   wsd     linear warm-up, constant, then a linear decay to min_lr over the last `decay_fraction` of
           the run ("warmup-stable-decay": the constant phase makes fast progress, the decay cashes it in)
@@ -55,8 +55,7 @@ class Optimizers:
         return {"optimizers": [optimizer.state_dict() for optimizer in self.optimizers]}
 
     def load_state_dict(self, state: dict) -> None:
-        saved_states = state.get("optimizers", [state])  # older checkpoints: one bare AdamW
-        for optimizer, saved in zip(self.optimizers, saved_states, strict=True):
+        for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
             optimizer.load_state_dict(saved)
 
 
@@ -65,8 +64,8 @@ def muon_parameters(model: GPT) -> list[torch.nn.Parameter]:
     return [p for p in model.transformer.h.parameters() if p.dim() == 2 and p.requires_grad]
 
 
-def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> Optimizers:
-    """The recipe's optimizer(s), every param group tagged with its peak learning rate."""
+def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW | Optimizers:
+    """The recipe's optimizer: AdamW, or Muon + AdamW stepped as one."""
     params = [p for p in model.parameters() if p.requires_grad]  # a tied head appears once
     # One fused AdamW kernel over all its parameters: on GPUs, and on CPUs (3x faster than the
     # loop-per-tensor version for smallgpt-10m here); MPS keeps the default.
@@ -77,29 +76,29 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> Optimi
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        optimizers = [torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, fused=fused)]
-    else:
-        matrices = muon_parameters(model)
-        taken = {id(p) for p in matrices}
-        rest = [p for p in params if id(p) not in taken]
-        # "match_rms_adamw" scales each matrix's step so its RMS matches a typical AdamW step (0.2 lr),
-        # whatever its shape: one learning rate fits the square attention and the wide MLP matrices.
-        muon = torch.optim.Muon(
-            matrices, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"
-        )
-        adamw = torch.optim.AdamW(rest, lr=cfg.learning_rate, betas=betas, weight_decay=0.0, fused=fused)
-        optimizers = [muon, adamw]
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group["peak_lr"] = group["lr"]
-    return Optimizers(*optimizers)
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, fused=fused)
+    matrices = muon_parameters(model)
+    taken = {id(p) for p in matrices}
+    rest = [p for p in params if id(p) not in taken]
+    # "match_rms_adamw" scales each matrix's step so its RMS matches a typical AdamW step (0.2 lr),
+    # whatever its shape: one learning rate fits the square attention and the wide MLP matrices.
+    muon = torch.optim.Muon(
+        matrices, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"
+    )
+    adamw = torch.optim.AdamW(rest, lr=cfg.learning_rate, betas=betas, weight_decay=0.0, fused=fused)
+    return Optimizers(muon, adamw)
 
 
-def set_learning_rates(optimizer: Optimizers, cfg: TrainConfig, step: int) -> None:
-    """Every group at its peak rate times the schedule's factor for update `step`."""
+def set_learning_rates(optimizer: torch.optim.Optimizer | Optimizers, cfg: TrainConfig, step: int) -> None:
+    """Every group at its optimizer's peak rate times the schedule's factor for update `step`.
+
+    The peaks come from `cfg`, not from the optimizer's saved state, so a resumed run may change them.
+    """
     factor = lr_factor(cfg, step)
-    for group in optimizer.param_groups:
-        group["lr"] = group["peak_lr"] * factor
+    for part in getattr(optimizer, "optimizers", [optimizer]):
+        peak = cfg.muon_lr if isinstance(part, torch.optim.Muon) else cfg.learning_rate
+        for group in part.param_groups:
+            group["lr"] = peak * factor
 
 
 def learning_rate_at(cfg: TrainConfig, step: int) -> float:
@@ -108,7 +107,7 @@ def learning_rate_at(cfg: TrainConfig, step: int) -> float:
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
-    """The schedule: a fraction of the peak rate for update `step` (0-based), in (0, 1]."""
+    """The schedule: a fraction of the peak rate for update `step` (0-based), in [0, 1]."""
     floor = cfg.min_lr / cfg.learning_rate
     if step < cfg.warmup_iters:
         return (step + 1) / cfg.warmup_iters
