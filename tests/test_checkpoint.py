@@ -23,7 +23,7 @@ from smallgpt.checkpoint import (
 from smallgpt.config import ModelConfig
 from smallgpt.errors import SmallGPTError
 from smallgpt.files import atomic_write_dir, remove_temporaries
-from smallgpt.recipe import learning_rate_at
+from smallgpt.optim import learning_rate_at
 from smallgpt.train import train, train_command
 
 
