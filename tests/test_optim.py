@@ -9,7 +9,6 @@ from test_distributed import assert_close_weights, torchrun_train
 from training_helpers import (
     MODERN_SETTINGS,
     final_weights,
-    single_thread,  # noqa: F401 (an autouse fixture)
     tiny_run,
     write_data,
 )
