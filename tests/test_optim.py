@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from test_distributed import assert_close_weights, torchrun_train
+from test_distributed import torchrun_train
 from training_helpers import (
     MODERN_SETTINGS,
     final_weights,
@@ -97,4 +97,7 @@ def test_two_gloo_processes_with_muon_match_one_process_with_accumulation(tmp_pa
     train(tiny_run(**settings), data, tmp_path / "single")
     result = torchrun_train(data, tmp_path / "ddp", settings)  # 1 micro-batch per process per update
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_close_weights(final_weights(tmp_path / "ddp"), final_weights(tmp_path / "single"))
+    got, expected = final_weights(tmp_path / "ddp"), final_weights(tmp_path / "single")
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():  # Muon magnifies rounding noise: see test_train's accumulation test
+        torch.testing.assert_close(got[name], tensor, atol=2e-4, rtol=1e-4)
