@@ -9,6 +9,8 @@ Prints, each the best of --repeats runs, sampling at temperature 1 from <|endoft
   - batch 8, 256 new tokens per row (tokens/s counts all rows);
   - past the context: a 256-token prompt and 32 new tokens, so every token recomputes the whole window
     (positions are learned absolute embeddings; this is the price of sliding exactly);
+  - the same past the context with `smallgpt-10m-modern` (rotary positions): its cache rolls, so every
+    token costs one position's work (see `smallgpt.kvcache`);
   - (CPU) batch 1 with int8 weights (`quantize_int8`): a quarter of the bytes to stream per token;
   - peers on the same shape and machine, in the same process: a no-cache sampler that reruns the last
     block_size tokens per new token (nanoGPT's `generate`, head on the last position only), and
@@ -114,6 +116,14 @@ def main() -> None:
             args.repeats,
         ),
     ]
+    modern = GPT(get_preset("smallgpt-10m-modern")).to(device).eval()
+    cases.append(
+        (
+            "smallgpt-10m-modern Engine, batch 1, past the context, rolling",
+            lambda: ours(modern, 1, 32, prompt=" the" * 256),
+            args.repeats,
+        )
+    )
     if device.type == "cpu":
         int8 = quantize_int8(model)
         cases.append((f"smallgpt Engine, int8 weights, batch 1, {n}", lambda: ours(int8, 1, n), args.repeats))
@@ -131,6 +141,8 @@ def main() -> None:
     rows = [(name, *timed(run, repeats)) for name, run, repeats in cases + peers]
     for name, rate, cpu_ms in rows:
         print(f"{name:<72} {rate:8.1f} tokens/s   {cpu_ms:6.2f} CPU ms/token")
+    recomputed, rolled = rows[2][1], rows[3][1]
+    print(f"past the context, rolling cache (modern) / recomputed window (GPT-2): {rolled / recomputed:.1f}x")
     for name, rate, _ in rows[len(cases) :]:
         print(f"batch-1 speed-up over the {name.split(',')[0]}: {rows[0][1] / rate:.1f}x")
 

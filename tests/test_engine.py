@@ -5,11 +5,14 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_generate import LONG_PROMPT, small_model
 
+from smallgpt.config import ModelConfig
 from smallgpt.engine import Engine, Request
 from smallgpt.generate import SamplingParams
 from smallgpt.kvcache import DecodeStep, KVPool, bucket
+from smallgpt.model import GPT
 from smallgpt.tokenizer import encode
 
 
@@ -148,3 +151,74 @@ def test_decode_steps_padded_to_buckets_equal_unpadded_steps(model):
             logits.append(torch.cat([step(torch.tensor([11, 12, 13])) for _ in range(3)]))
         assert pool.lengths.tolist() == [len(p) + 3 for p in prompts[:3]] + [0] * 5
     torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=0)
+
+
+# --- past the context with rotary positions: the cache rolls instead of recomputing the window ---
+
+
+def rotary_model(n_layer: int, seed: int = 0) -> GPT:
+    """A small Qwen3-layout model with peaked logits, so a wrong position or slot changes the tokens."""
+    torch.manual_seed(seed)
+    config = ModelConfig(
+        arch="qwen3", block_size=16, n_layer=n_layer, n_head=2, n_embd=32, dropout=0.0, bias=False
+    )
+    model = GPT(config).eval()
+    with torch.no_grad():  # the init zeroes output projections: give every matrix weights that matter
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 2.0 / param.shape[1] ** 0.5)
+    return model
+
+
+class SlidingWindow:
+    """Reference attention over a whole sequence at once: each token sees itself and the
+    `window - 1` tokens before it, keys and values computed from that same full forward."""
+
+    def __init__(self, n_layer: int, window: int):
+        self.window = window
+        self.layers = [self] * n_layer
+
+    def attend(self, q, k, v):
+        i = torch.arange(q.shape[2])
+        distance = i[:, None] - i[None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=(distance >= 0) & (distance < self.window))
+
+
+def greedy_with_scores(model: GPT, prompt: list[int], tokens: int):
+    request = Request(prompt, SamplingParams(tokens, temperature=0), logprobs=0)
+    done = complete(Engine(model, max_batch=4), [request])[0]
+    assert len(done.token_ids) == tokens  # no early <|endoftext|>: the whole span past the context ran
+    return done
+
+
+def test_rolling_cache_is_sliding_window_attention_for_300_tokens():
+    model, prompt = rotary_model(n_layer=2), encode("Once upon a time")
+    done = greedy_with_scores(model, prompt, 300)  # 300 tokens past a 16-token context
+    sequence = torch.tensor([prompt + done.token_ids[:-1]])
+    with torch.no_grad():
+        reference = model.forward_cached(
+            sequence, torch.arange(sequence.shape[1])[None], SlidingWindow(2, 16), last_only=False
+        )[0, len(prompt) - 1 :].log_softmax(-1)
+    assert done.token_ids == reference.argmax(-1).tolist()
+    logprobs = torch.tensor([score[1] for score in done.scores])
+    chosen = reference.gather(1, torch.tensor(done.token_ids)[:, None])[:, 0]
+    torch.testing.assert_close(logprobs, chosen, atol=1e-4, rtol=0)
+
+
+def test_one_layer_rolling_cache_equals_recomputing_the_window():
+    """With one layer a cached key depends on its own token and position only, so rolling is exact:
+    every next token is what a fresh forward over the last block_size tokens predicts."""
+    model, prompt = rotary_model(n_layer=1, seed=1), encode("It was a dark and stormy night")
+    done = greedy_with_scores(model, prompt, 60)
+    history = prompt + done.token_ids
+    with torch.no_grad():
+        for t, score in enumerate(done.scores):
+            window = torch.tensor([history[: len(prompt) + t][-16:]])
+            expected = model(window)[0, -1].log_softmax(-1)
+            assert done.token_ids[t] == int(expected.argmax())
+            assert abs(score[1] - float(expected[done.token_ids[t]])) < 1e-4
+
+
+def test_gpt2_positions_still_recompute_the_window():
+    assert not ModelConfig().relative_positions and ModelConfig(arch="qwen3").relative_positions
+    assert not KVPool(ModelConfig(n_layer=1, n_embd=8, n_head=1, block_size=4), 1).rolling

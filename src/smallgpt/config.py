@@ -122,6 +122,12 @@ class ModelConfig:
         """GPT-2 scores tokens with its embedding matrix; Qwen3 (at this size) has its own head."""
         return self.arch == "gpt2"
 
+    @property
+    def relative_positions(self) -> bool:
+        """Whether attention sees only distances between tokens (RoPE), not where they sit in the window:
+        then a full KV cache can drop its oldest entry and keep going (see `smallgpt.kvcache`)."""
+        return self.arch == "qwen3"
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

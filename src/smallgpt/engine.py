@@ -12,11 +12,17 @@
 `smallgpt sample` calls `step` until its samples are done; the server runs it on a worker thread and
 hands each sequence's text to its HTTP response (`smallgpt.serve`).
 
-The context window: GPT-2's positions are learned absolute embeddings, so every cached key depends on
-where its token sat in the window. A prompt longer than the context keeps its last `block_size` tokens;
-once prompt + output fill a row, its next token is predicted from the last `block_size` tokens by
-recomputing that window -- exactly what the model saw in training, never a shifted cache with stale
-positions. Within the window a token costs one position's work.
+The context window. A prompt longer than the context keeps its last `block_size` tokens. Once prompt +
+output fill a row, what happens depends on how the model encodes positions:
+- GPT-2's positions are learned absolute embeddings, so every cached key depends on where its token sat
+  in the window: the next token is predicted from the last `block_size` tokens by recomputing that
+  window -- exactly what the model saw in training, never a shifted cache with stale positions.
+- With rotary positions (Qwen3) attention sees only distances, so the row rolls: the newest token
+  overwrites the oldest slot and decoding continues at cached speed. Each token then attends to the
+  keys and values of its last `block_size` tokens as they were computed when those tokens were new:
+  sliding-window attention, as Mistral-style models decode. For a one-layer model this equals
+  recomputing the window; deeper layers' cached keys also remember tokens that have since left it.
+Within the window a token costs one position's work either way.
 """
 
 from __future__ import annotations
@@ -271,15 +277,15 @@ class Engine:
         if not self.active:
             return
         for row, sequence in enumerate(self.active):
-            if sequence.cached == self.capacity:  # window full: recompute it, the newest token aside
-                self.pool.prefill(self.model, row, sequence.history[-self.capacity : -1])
+            if sequence.cached == self.capacity and not self.pool.rolling:  # full: recompute the window,
+                self.pool.prefill(self.model, row, sequence.history[-self.capacity : -1])  # newest aside
                 sequence.cached = self.capacity - 1
         fed = [s.feed.pop(0) if s.feed else s.history[-1] for s in self.active]
         tokens = torch.tensor(fed, device=self.device)
         logits = self.decode(tokens)
         for sequence, row_logits in zip(self.active, logits, strict=True):
             sequence.logits = row_logits
-            sequence.cached += 1
+            sequence.cached = min(sequence.cached + 1, self.capacity)
 
     def _leave(self, sequence: Sequence) -> None:
         """Free a sequence's row; the last active sequence moves into it, so rows stay packed."""

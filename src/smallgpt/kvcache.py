@@ -1,7 +1,8 @@
 """The KV cache: every layer's keys and values of the sequences being generated, in one preallocated pool.
 
     pool.keys / pool.values   (n_layer, rows, n_head, block_size, head_dim), allocated once
-    pool.lengths              (rows,) tokens cached per row; row r's token t sits at slot t
+    pool.lengths              (rows,) tokens fed per row; row r's token t sits at slot t
+                              (t mod block_size for a rolling pool, see below)
 
 A sequence owns one row while it generates. `prefill` runs a prompt (or a recomputed window) through
 the model into a row; `DecodeStep` runs one new token for each of rows 0..n-1 at once: each writes its
@@ -10,6 +11,11 @@ scheduler keeps the active sequences in rows 0..n-1 (`move_row` fills a freed ro
 a decode step always covers a prefix of the pool, which is what lets CUDA graphs be recorded once per
 batch size. This module is the only one that knows the cache's layout; the model sees just an object
 with one `attend(q, k, v)` per layer (see `GPT.forward_cached`).
+
+A rolling pool (models with rotary positions, `ModelConfig.relative_positions`) never fills: token t
+goes to slot t mod block_size, over the oldest, and keeps its true position t for its rotation. Once a
+row has block_size tokens every slot is attended, and since rotary scores depend only on the distance
+between two positions, a ring of the last block_size keys is all a sliding window needs.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ class KVPool:
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
         self.slots = torch.arange(config.block_size, device=device)
+        self.rolling = config.relative_positions
 
     @property
     def rows(self) -> int:
@@ -85,8 +92,9 @@ class _DecodeView:
     def __init__(self, pool: KVPool, n: int):
         lengths = pool.lengths[:n]
         # Each row's new token sits at slot lengths[r] and sees slots 0..lengths[r]: (n, 1, 1, block_size).
+        # In a rolling pool a row past the window writes over its oldest slot and sees all of them.
         self.mask = (pool.slots[None, :] <= lengths[:, None])[:, None, None, :]
-        self.write_at = lengths[:, None, None, None]
+        self.write_at = (lengths % pool.capacity)[:, None, None, None]
         self.layers = [_DecodeLayer(self, pool, layer, n) for layer in range(pool.keys.shape[0])]
 
 
