@@ -398,7 +398,7 @@ def micro_batch_for_world(run: RunConfig, world_size: int, console: Console) -> 
     if cfg.batch_size % (cfg.micro_batch_size * world_size) == 0 or cfg.batch_size % world_size:
         return run
     per_process = cfg.batch_size // world_size
-    micro = max(m for m in range(1, cfg.micro_batch_size + 1) if per_process % m == 0)
+    micro = next(m for m in range(min(cfg.micro_batch_size, per_process), 0, -1) if per_process % m == 0)
     console.print(
         f"micro_batch_size {cfg.micro_batch_size} -> {micro}: {world_size} processes share each update's "
         f"{cfg.batch_size} sequences (set micro_batch_size to choose)",
