@@ -13,7 +13,7 @@ from smallgpt.checkpoint import save_weights
 from smallgpt.config import ModelConfig
 from smallgpt.engine import Completion, Engine, Request
 from smallgpt.errors import SmallGPTError
-from smallgpt.generate import RowText, SamplingParams, quantize_int8, sample_next_token
+from smallgpt.generate import RowText, SamplingParams, inverse_cdf, quantize_int8, sample_next_token
 from smallgpt.model import GPT
 from smallgpt.tokenizer import EOT_ID, decode, encode
 
@@ -75,6 +75,38 @@ def test_batch_of_different_lengths_equals_each_prompt_alone(params):
     for i, (prompt, completion) in enumerate(zip(prompts, batch, strict=True)):
         alone = dataclasses.replace(params, seed=None if params.seed is None else params.seed + i)
         assert completion == generator.generate([prompt], alone)[0]
+
+
+@pytest.mark.parametrize("width", [5, 256, 300, 50257])
+def test_two_level_draw_lands_where_a_full_running_sum_does(width):
+    """Small integer weights sum exactly in any order, so both searches must agree on every draw,
+    including draws exactly at a running sum (a boundary between two columns) and just below 1."""
+    gen = torch.Generator().manual_seed(width)
+    weights = torch.randint(0, 4, (8, width), generator=gen).float()  # about a quarter are zero
+    weights[:, 0] = 0.0  # a zero column at the very start, and whole zero blocks in row 0
+    weights[0, : width // 2] = 0.0
+    cdf = weights.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    zero = torch.zeros(8, 1)
+    below_one, below_total = torch.ones(8, 1).nextafter(zero), total.nextafter(zero)
+    at_boundaries = [cdf[:, j : j + 1] / total for j in range(0, width - 1, max(1, width // 50))]
+    for u in [torch.rand(8, 1, generator=gen) for _ in range(100)] + at_boundaries + [below_one]:
+        expected = torch.searchsorted(cdf, torch.minimum(u * total, below_total), right=True)
+        drawn = inverse_cdf(weights, u)
+        assert torch.equal(drawn, expected)
+        assert bool((weights.gather(1, drawn) > 0).all())  # never a zero-weight column
+
+
+def test_sampled_frequencies_are_the_softmax_at_the_temperature():
+    logits = torch.full((1000,), -40.0)
+    columns = torch.tensor([3, 255, 256, 999])  # on both sides of a 256-column block boundary
+    logits[columns] = torch.tensor([0.0, 1.0, -0.5, 0.5])
+    params = SamplingParams(temperature=0.7)
+    samples = sample_next_token(logits.expand(10000, 1000), params, torch.Generator().manual_seed(0))
+    assert set(samples.tolist()) == set(columns.tolist())
+    frequencies = torch.bincount(samples, minlength=1000)[columns] / 10000
+    expected = (logits[columns].double() / 0.7).softmax(dim=0)
+    assert torch.allclose(frequencies.double(), expected, atol=0.02)  # 4 standard deviations
 
 
 def test_top_k_samples_only_the_k_most_probable():

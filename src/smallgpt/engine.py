@@ -93,6 +93,7 @@ class Sequence:
         self.delta = ""
         self.cancelled = False
         self.logits: torch.Tensor | None = None  # next-token scores (vocab,)
+        self.decoded_row: int | None = None  # which row of the last decode step's output they are
         self.listener = None  # who to tell about new text (the server's queue for this request)
         self.cached = 0  # tokens in its KV-cache row
         self.feed: list[int] = []  # prompt tokens still to go through decode steps (short prompts)
@@ -151,6 +152,7 @@ class Engine:
         self.decode = DecodeStep(self.model, self.pool, graphs=self.device.type == "cuda")
         self.waiting: deque[Sequence] = deque()
         self.active: list[Sequence] = []  # active[i] holds pool row i
+        self.decoded: torch.Tensor | None = None  # the last decode step's logits (rows, vocab)
 
     @property
     def capacity(self) -> int:
@@ -259,7 +261,7 @@ class Engine:
                 groups[sequence.request.params.sampler].append(sequence)
         now = time.monotonic()
         for group in groups.values():
-            logits = torch.stack([s.logits for s in group])
+            logits = self._logits_of(group)
             tokens = sample_next_token(logits, group[0].request.params, [s.rng for s in group]).tolist()
             wanted = [(i, s) for i, s in enumerate(group) if s.scores is not None]
             if wanted:
@@ -270,6 +272,14 @@ class Engine:
                     s.scores.append((score[0], score[1], score[2][: s.request.logprobs]))
             for sequence, token in zip(group, tokens, strict=True):
                 sequence.add(token, self.tokenizer.decode_single_token_bytes(token), now)
+
+    def _logits_of(self, group: list[Sequence]) -> torch.Tensor:
+        """The group's next-token scores (len(group), vocab). Usually every sequence samples alike and
+        they are consecutive rows of the last decode step's output: a view, no copy."""
+        rows = [s.decoded_row for s in group]
+        if rows[0] is not None and rows == list(range(rows[0], rows[0] + len(rows))):
+            return self.decoded[rows[0] : rows[0] + len(rows)]
+        return torch.stack([s.logits for s in group])
 
     def _advance(self) -> None:
         """Feed every active sequence its newest token (or its prompt's next one): one batched decode
@@ -282,9 +292,9 @@ class Engine:
                 sequence.cached = self.capacity - 1
         fed = [s.feed.pop(0) if s.feed else s.history[-1] for s in self.active]
         tokens = torch.tensor(fed, device=self.device)
-        logits = self.decode(tokens)
-        for sequence, row_logits in zip(self.active, logits, strict=True):
-            sequence.logits = row_logits
+        self.decoded = self.decode(tokens)
+        for row, sequence in enumerate(self.active):
+            sequence.logits, sequence.decoded_row = self.decoded[row], row
             sequence.cached = min(sequence.cached + 1, self.capacity)
 
     def _leave(self, sequence: Sequence) -> None:
@@ -296,7 +306,7 @@ class Engine:
         else:
             self.pool.clear_row(row)
         self.active.pop()
-        sequence.logits = None
+        sequence.logits = sequence.decoded_row = None
 
     @staticmethod
     def _scores(logits: torch.Tensor, tokens: list[int], k: int) -> list[TokenScore]:

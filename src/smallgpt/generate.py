@@ -72,15 +72,17 @@ def sample_next_token(
     if params.greedy:
         return logits.argmax(dim=-1)
     logits = logits.float()
-    if params.temperature < 1e-3:  # shift the best score to 0 first: then -inf, never inf - inf
-        logits = (logits - logits.max(dim=-1, keepdim=True).values) / params.temperature
-    elif params.temperature != 1:  # (softmax shifts by the maximum itself)
-        logits = logits / params.temperature
     candidates = None  # when set, column j of the scores belongs to token candidates[:, j]
     if params.top_k is not None and params.top_k < logits.shape[-1]:
         logits, candidates = logits.topk(params.top_k, dim=-1)  # sorted, most probable first
-    probs = logits.softmax(dim=-1)
+    # softmax(l / T) is proportional to exp((l - max l) / T): the best token weighs 1, no score
+    # overflows and a tiny T underflows to 0, never to nan. Drawing needs no normalising.
+    weights = logits - logits.amax(dim=-1, keepdim=True)
+    if params.temperature != 1:
+        weights /= params.temperature
+    weights.exp_()
     if params.top_p is not None and params.top_p < 1:
+        probs = weights / weights.sum(dim=-1, keepdim=True)
         if candidates is None:
             probs, candidates = _sorted_prefix_holding_mass(probs, params.top_p)
         # Keep the smallest most-probable-first prefix whose mass reaches p: a token stays while the
@@ -88,8 +90,8 @@ def sample_next_token(
         mass_before = probs.cumsum(dim=-1) - probs
         drop = mass_before >= params.top_p
         drop[:, 0] = False  # explicitly: a p below float32's smallest number would drop it otherwise
-        probs = probs.masked_fill(drop, 0.0)
-    choice = _draw(probs, generator)
+        weights = probs.masked_fill(drop, 0.0)
+    choice = inverse_cdf(weights, _uniforms(weights, generator))
     return choice[:, 0] if candidates is None else candidates.gather(1, choice)[:, 0]
 
 
@@ -107,22 +109,45 @@ def _sorted_prefix_holding_mass(probs: torch.Tensor, mass: float) -> tuple[torch
         k = min(4 * k, probs.shape[-1])
 
 
-def _draw(probs: torch.Tensor, generator: torch.Generator | list | None) -> torch.Tensor:
-    """Sample a column per row in proportion to the (unnormalised) `probs`, shape (B, 1).
+def _uniforms(weights: torch.Tensor, generator: torch.Generator | list | None) -> torch.Tensor:
+    """One uniform number in [0, 1) per row, (B, 1), from the row's own stream if given a list."""
+    if isinstance(generator, list):
+        return torch.cat([torch.rand(1, 1, generator=g, device=weights.device) for g in generator])
+    return torch.rand(weights.shape[0], 1, generator=generator, device=weights.device)
 
-    Inverse-CDF sampling: one uniform number per row, located in the running sum of the
-    probabilities. (torch.multinomial does the same job ~20x slower on a CPU for a 50k vocabulary.)
-    A zero-probability column can never be hit: the draw stays strictly below the total, and it lands
-    on the first column whose running sum exceeds it, which is a column that added mass.
+
+def inverse_cdf(weights: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """The column (B, 1) where u (B, 1) in [0, 1) falls in each row's running sum of `weights` (B, V)
+    scaled to its total: a draw in proportion to the (unnormalised, non-negative) weights.
+
+    It is the column a full running sum would give (torch.multinomial does the same job ~20x slower
+    on a CPU for a 50k vocabulary), found in two levels, since a running sum over 50,257 columns costs
+    as much as the softmax: the total of each block of `block` columns, the block where u falls in
+    their running sum, then the running sum inside that block only. A zero-weight column is never
+    hit: u stays strictly below the total, and lands on the first column whose running sum exceeds
+    it, a column that added weight (the same holds for the block, then inside it).
     """
-    cdf = probs.cumsum(dim=-1)
-    total = cdf[:, -1:]
-    if isinstance(generator, list):  # one stream per row
-        u = torch.cat([torch.rand(1, 1, generator=g, device=probs.device) for g in generator]) * total
-    else:
-        u = torch.rand(total.shape, generator=generator, device=probs.device) * total
-    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, u, right=True)
+    rows, width = weights.shape
+    block = min(block, width)
+    whole = width - width % block
+    block_mass = weights[:, :whole].reshape(rows, -1, block).sum(dim=-1)
+    if whole < width:  # the last, shorter block
+        block_mass = torch.cat([block_mass, weights[:, whole:].sum(dim=-1, keepdim=True)], dim=1)
+    cdf = block_mass.cumsum(dim=-1)
+    u = _below(u * cdf[:, -1:], cdf[:, -1:])
+    chosen = torch.searchsorted(cdf, u, right=True)  # the first block whose running sum exceeds u
+    before = torch.cat([cdf.new_zeros(rows, 1), cdf], dim=1).gather(1, chosen)  # <= u
+    columns = chosen * block + torch.arange(block, device=weights.device)  # (B, block)
+    inside = weights.gather(1, columns.clamp(max=width - 1)).masked_fill(columns >= width, 0.0)
+    inside = inside.cumsum(dim=-1)
+    # Summed in another order, the block's running sum may end an ulp off its total: stay inside it.
+    offset = torch.searchsorted(inside, _below(u - before, inside[:, -1:]), right=True)
+    return chosen * block + offset
+
+
+def _below(value: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+    """`value`, moved strictly below `limit` where it is not already (float rounding can reach it)."""
+    return torch.minimum(value, torch.nextafter(limit, torch.zeros_like(limit)))
 
 
 class RowText:
