@@ -11,7 +11,7 @@ from test_generate import LONG_PROMPT, small_model
 from smallgpt.config import ModelConfig
 from smallgpt.engine import Engine, Request
 from smallgpt.generate import SamplingParams
-from smallgpt.kvcache import DecodeStep, KVPool, bucket
+from smallgpt.kvcache import DecodeStep, KVPool, _DecodeView, bucket
 from smallgpt.model import GPT
 from smallgpt.tokenizer import encode
 
@@ -59,6 +59,32 @@ def test_seeded_text_is_the_same_alone_and_in_a_batch_of_16(model):
     assert len({len(c.token_ids) for c in alone}) > 4  # sequences left the batch at different steps
     # Joining between steps (continuous batching) changes nothing either.
     assert complete(Engine(model, max_batch=16), requests, join_every=3) == alone
+
+
+def test_seeded_text_is_the_same_alone_and_in_a_batch_of_16_over_a_longer_context():
+    """With a 128-token context a decode step attends over 32, 64, 96 or 128 slots, whatever its
+    longest row needs: a row alone and the same row beside longer ones see different spans."""
+    model, requests = small_model(block_size=128), mixed_requests()
+    engine = Engine(model, max_batch=16)
+    alone = [complete(engine, [r])[0] for r in requests]
+    assert complete(Engine(model, max_batch=16), requests) == alone
+
+
+def test_a_row_decodes_bit_for_bit_the_same_whatever_span_its_batch_mates_need():
+    model = small_model(block_size=128)
+    short, long = encode("Hi there"), encode(LONG_PROMPT)[:60]
+    logits, spans = [], []
+    for mates in ([], [long]):
+        pool = KVPool(model.config, 4)
+        step = DecodeStep(model, pool)
+        with torch.no_grad():
+            for row, ids in enumerate([short, *mates]):
+                pool.prefill(model, row, ids)
+            spans.append(_DecodeView(pool, 4).mask.shape[-1])
+            tokens = torch.tensor([7, 8][: 1 + len(mates)])
+            logits.append(torch.stack([step(tokens)[0] for _ in range(60)]))  # row 0 crosses 32
+    assert spans[0] < spans[1]  # (32 and 64)
+    assert torch.equal(logits[0], logits[1])
 
 
 def test_requests_beyond_the_pool_wait_for_a_row(model):

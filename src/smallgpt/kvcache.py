@@ -86,23 +86,38 @@ class _PrefillLayer:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # the prompt attends to itself
 
 
-class _DecodeView:
-    """The cache as `forward_cached` sees it during a decode step: rows 0..n-1, one new token each."""
+# Slots a decode step attends over come in multiples of this (see `_DecodeView`).
+SLOT_CHUNK = 32
 
-    def __init__(self, pool: KVPool, n: int):
+
+class _DecodeView:
+    """The cache as `forward_cached` sees it during a decode step: rows 0..n-1, one new token each.
+
+    Attention covers slots 0..span-1 only, the prefix any row has filled, in whole chunks of
+    SLOT_CHUNK (all slots when `whole`: a CUDA graph's shapes are fixed). A short batch then reads a
+    short prefix of the pool, yet a row's result does not depend on the span: slots past its length
+    are masked and add exact zeros to the softmax's sum and to the weighted sum of values; the sums
+    run in vector lanes by slot index (8 or 16 floats wide), and with spans in multiples of 32 no
+    slot ever falls in a leftover tail summed in another order. (test_engine checks it bit for bit.)
+    """
+
+    def __init__(self, pool: KVPool, n: int, whole: bool = False):
         lengths = pool.lengths[:n]
-        # Each row's new token sits at slot lengths[r] and sees slots 0..lengths[r]: (n, 1, 1, block_size).
+        span = pool.capacity
+        if not whole and pool.capacity % SLOT_CHUNK == 0:
+            span = min(span, -(-(int(lengths.max()) + 1) // SLOT_CHUNK) * SLOT_CHUNK)
+        # Each row's new token sits at slot lengths[r] and sees slots 0..lengths[r]: (n, 1, 1, span).
         # In a rolling pool a row past the window writes over its oldest slot and sees all of them.
-        self.mask = (pool.slots[None, :] <= lengths[:, None])[:, None, None, :]
+        self.mask = (pool.slots[None, :span] <= lengths[:, None])[:, None, None, :]
         self.write_at = (lengths % pool.capacity)[:, None, None, None]
-        self.layers = [_DecodeLayer(self, pool, layer, n) for layer in range(pool.keys.shape[0])]
+        self.layers = [_DecodeLayer(self, pool, layer, n, span) for layer in range(pool.keys.shape[0])]
 
 
 class _DecodeLayer:
-    def __init__(self, view: _DecodeView, pool: KVPool, layer: int, n: int):
+    def __init__(self, view: _DecodeView, pool: KVPool, layer: int, n: int, span: int):
         self.view = view
-        self.keys = pool.keys[layer, :n]
-        self.values = pool.values[layer, :n]
+        self.keys = pool.keys[layer, :n, :, :span]
+        self.values = pool.values[layer, :n, :, :span]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         where = self.view.write_at.expand(k.shape)  # (n, n_head, 1, head_dim): row r's slot lengths[r]
@@ -159,7 +174,8 @@ class DecodeStep:
 
     def _run(self, size: int) -> torch.Tensor:
         positions = self.pool.lengths[:size, None]  # a row's new token sits at position = its length
-        return self.model.forward_cached(self.tokens[:size], positions, _DecodeView(self.pool, size))
+        view = _DecodeView(self.pool, size, whole=self.graphs)
+        return self.model.forward_cached(self.tokens[:size], positions, view)
 
     def _record(self, size: int):
         # Warm up on a side stream, as capturing requires; the warm-up writes each row's next slot, which
