@@ -115,6 +115,20 @@ def test_a_cancelled_sequence_leaves_at_the_next_step_and_others_go_on(model):
     assert [s.completion() for s in sequences[1:]] == alone[1:]
 
 
+def test_a_step_reports_what_changed_before_its_decode_step(model):
+    """The server answers finished requests while the batch computes its next decode step."""
+    engine, requests = Engine(model, max_batch=2), mixed_requests()[:2]
+    sequences = [engine.submit(r) for r in requests]
+    events, reported, decode = [], [], engine.decode
+    engine.decode = lambda tokens: events.append("decode") or decode(tokens)
+    while engine.busy:
+        reported.clear()
+        returned = engine.step(report=lambda changed: events.append("report") or reported.extend(changed))
+        assert reported == returned
+    assert events[:4] == ["report", "decode", "report", "decode"] and events[-1] == "report"
+    assert [s.completion() for s in sequences] == [complete(engine, [r])[0] for r in requests]
+
+
 def test_a_deadline_ends_generation_with_what_it_has(model):
     engine = Engine(model, max_batch=2)
     late = engine.submit(Request(encode("Hello"), SamplingParams(50, seed=1), deadline=time.monotonic() - 1))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
@@ -190,8 +191,13 @@ class Engine:
     def busy(self) -> bool:
         return bool(self.waiting or self.active)
 
-    def step(self) -> list[Sequence]:
-        """Advance every sequence by one token; returns those that changed (new text or finished)."""
+    def step(self, report: Callable[[list[Sequence]], None] | None = None) -> list[Sequence]:
+        """Advance every sequence by one token; returns those that changed (new text or finished).
+
+        `report`, if given, gets them as soon as they are known, before the batched decode step that
+        feeds the new tokens: a server answers finished requests while the batch computes, and the
+        clients' next requests can join at the very next step instead of a step later.
+        """
         with self._inference():
             for sequence in [s for s in self.active if s.cancelled]:
                 self._leave(sequence)
@@ -201,12 +207,13 @@ class Engine:
                 if not sequence.cancelled:
                     self._join(sequence)
                     changed += [sequence] if sequence.done else []
-            if not self.active:
-                return changed
-            self._sample()
-            changed += self.active
-            for sequence in [s for s in self.active if s.done]:
-                self._leave(sequence)
+            if self.active:
+                self._sample()
+                changed += self.active
+                for sequence in [s for s in self.active if s.done]:
+                    self._leave(sequence)
+            if report is not None:
+                report(changed)
             self._advance()
             return changed
 

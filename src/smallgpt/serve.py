@@ -99,7 +99,8 @@ class Overloaded(Exception):
 
 
 class EngineWorker:
-    """Runs `Engine.step` on one thread while there is work; hands each step's text to the event loop."""
+    """Runs `Engine.step` on one thread while there is work; hands each step's text to the event loop
+    as soon as it is sampled, before the step's decode forward (see `Engine.step`'s `report`)."""
 
     def __init__(self, engine: Engine, limits: Limits):
         self.engine, self.limits = engine, limits
@@ -116,14 +117,20 @@ class EngineWorker:
                 self.wake.clear()
                 continue
             try:
-                changed = [(s, s.delta, s.completion() if s.done else None) for s in self.engine.step()]
+                self.engine.step(report=self._hand_out)
             except Exception as exc:  # reported to every client in flight, never a dead worker
                 log.exception("generation failed")
-                changed = [(s, "", exc) for s in self.engine.abandon()]
-            for sequence, delta, result in changed:
-                loop, queue, index, wants_deltas = sequence.listener
-                if wants_deltas or result is not None:  # a plain request waits for the end only
-                    loop.call_soon_threadsafe(queue.put_nowait, (index, delta, result))
+                self._hand_out(self.engine.abandon(), failure=exc)
+
+    @staticmethod
+    def _hand_out(sequences: list[Sequence], failure: Exception | None = None) -> None:
+        """Queue each sequence's new text, and its completion once done, for its request."""
+        for sequence in sequences:
+            loop, queue, index, wants_deltas = sequence.listener
+            result = failure or (sequence.completion() if sequence.done else None)
+            if wants_deltas or result is not None:  # a plain request waits for the end only
+                delta = "" if failure else sequence.delta
+                loop.call_soon_threadsafe(queue.put_nowait, (index, delta, result))
 
     async def run(
         self, http: Request, requests: list[EngineRequest], deltas: bool = True
