@@ -96,9 +96,10 @@ class _DecodeView:
     Attention covers slots 0..span-1 only, the prefix any row has filled, in whole chunks of
     SLOT_CHUNK (all slots when `whole`: a CUDA graph's shapes are fixed). A short batch then reads a
     short prefix of the pool, yet a row's result does not depend on the span: slots past its length
-    are masked and add exact zeros to the softmax's sum and to the weighted sum of values; the sums
-    run in vector lanes by slot index (8 or 16 floats wide), and with spans in multiples of 32 no
-    slot ever falls in a leftover tail summed in another order. (test_engine checks it bit for bit.)
+    are masked and add exact zeros to the softmax's sum and to the weighted sum of values. PyTorch's
+    CPU kernel sums in vector lanes by slot index (8 or 16 floats) and a leftover tail in another
+    order, so an arbitrary span would move a row's rounding; in multiples of 32 slots the extra slots
+    only add zeros to the lanes. test_engine checks it bit for bit on the machine that runs it.
     """
 
     def __init__(self, pool: KVPool, n: int, whole: bool = False):
