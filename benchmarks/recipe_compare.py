@@ -4,6 +4,8 @@
     .venv/bin/python benchmarks/recipe_compare.py --tokens 0.2 0.6 2 --json
     .venv/bin/python benchmarks/recipe_compare.py --presets tiny-modern --set muon_lr=0.04   (one sweep point)
     .venv/bin/python benchmarks/recipe_compare.py --tokens 2 --parallel          (presets side by side)
+    .venv/bin/python benchmarks/recipe_compare.py --presets smallgpt-10m smallgpt-10m-modern --tokens 0.2 \
+        --data MIXCORPUS_DIR --val-tokens 65536 --set warmup_iters=3 --parallel   (the seed's shape)
 
 Each run builds the `Trainer` that `smallgpt train --preset NAME` builds (data: the bundled corpus by
 default), with `max_iters` set so the run sees the budget's tokens (the schedule stretches to fit),
@@ -33,8 +35,11 @@ from smallgpt.recipe import resolve_config
 from smallgpt.train import Trainer
 
 
-def run_once(preset: str, tokens: float, data: Path, overrides: dict[str, str]) -> dict:
-    """Train `preset` for `tokens` tokens; its final full-pass validation loss and timings."""
+def run_once(
+    preset: str, tokens: float, data: Path, overrides: dict[str, str], val_tokens: int | None = None
+) -> dict:
+    """Train `preset` for `tokens` tokens; its final validation loss (over the first `val_tokens`
+    of the split, default all of it) and timings."""
     probe = resolve_config(preset, overrides=overrides)
     per_update = probe.train.batch_size * probe.model.block_size
     updates = max(1, round(tokens / per_update))
@@ -48,7 +53,12 @@ def run_once(preset: str, tokens: float, data: Path, overrides: dict[str, str]) 
         last_loss = loss.item()
         seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
         val_loss = full_pass_loss(
-            trainer.model, trainer.val_tokens, run.train.micro_batch_size, trainer.rt, trainer.dtype
+            trainer.model,
+            trainer.val_tokens,
+            run.train.micro_batch_size,
+            trainer.rt,
+            trainer.dtype,
+            max_tokens=val_tokens,
         )
     trained = updates * per_update
     return {
@@ -57,6 +67,7 @@ def run_once(preset: str, tokens: float, data: Path, overrides: dict[str, str]) 
         "tokens": trained,
         "updates": updates,
         "val_loss": val_loss,
+        "val_tokens": val_tokens or len(trainer.val_tokens),
         "last_train_loss": last_loss,
         "train_seconds": seconds,
         "tokens_per_s": trained / seconds,
@@ -71,6 +82,7 @@ def main() -> None:
     parser.add_argument("--tokens", nargs="+", type=float, default=[0.2], help="budgets in millions")
     parser.add_argument("--set", nargs="*", default=[], help="key=value overrides for every run")
     parser.add_argument("--data", help="prepared data dir (default: the bundled corpus)")
+    parser.add_argument("--val-tokens", type=int, help="score only the split's first N tokens")
     parser.add_argument("--parallel", action="store_true", help="presets at once, 1 thread each")
     parser.add_argument("--json", action="store_true", help="one JSON line per run")
     args = parser.parse_args()
@@ -80,7 +92,9 @@ def main() -> None:
         args.data = default_data_dir()
     overrides = parse_overrides(args.set)
     for millions in args.tokens:
-        jobs = [(preset, millions * 1e6, Path(args.data), overrides) for preset in args.presets]
+        jobs = [
+            (preset, millions * 1e6, Path(args.data), overrides, args.val_tokens) for preset in args.presets
+        ]
         if args.parallel:
             with ProcessPoolExecutor(len(jobs), initializer=torch.set_num_threads, initargs=(1,)) as pool:
                 results = list(pool.map(run_once, *zip(*jobs, strict=True)))

@@ -1,6 +1,7 @@
 """The modern recipe's optimizer and schedule: Muon owns exactly the block matrices, the schedule has
 its shape, and a Muon run resumes bit for bit."""
 
+import dataclasses
 import shutil
 
 import pytest
@@ -40,7 +41,12 @@ def test_muon_holds_exactly_the_block_matrices_and_adamw_the_rest():
         f"transformer.h.0.{name}.weight" for name in ("ln_1", "ln_2", "attn.q_norm", "attn.k_norm")
     }
     set_learning_rates(optimizer, run.train, step=4)  # the end of warm-up: the peaks
-    assert [g["lr"] for g in optimizer.param_groups] == [0.02, 1e-2]
+    assert [g["lr"] for g in optimizer.param_groups] == [0.02, 1e-2, 1e-2]
+    assert adamw.param_groups[0]["params"] == [model.transformer.wte.weight]
+    # The embedding's own peak, when the recipe gives one; everything else keeps its rate.
+    own = dataclasses.replace(run.train, embedding_lr=0.05)
+    set_learning_rates(optimizer, own, step=4)
+    assert [g["lr"] for g in optimizer.param_groups] == [0.02, 0.05, 1e-2]
 
 
 def test_wsd_schedule_warms_up_holds_then_decays_linearly_to_zero():

@@ -78,14 +78,19 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.
         ]
         return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, fused=fused)
     matrices = muon_parameters(model)
-    taken = {id(p) for p in matrices}
+    embedding = model.transformer.wte.weight
+    taken = {id(p) for p in matrices} | {id(embedding)}
     rest = [p for p in params if id(p) not in taken]
     # "match_rms_adamw" scales each matrix's step so its RMS matches a typical AdamW step (0.2 lr),
     # whatever its shape: one learning rate fits the square attention and the wide MLP matrices.
     muon = torch.optim.Muon(
-        matrices, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"
-    )
-    adamw = torch.optim.AdamW(rest, lr=cfg.learning_rate, betas=betas, weight_decay=0.0, fused=fused)
+        matrices, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, ns_steps=cfg.muon_ns_steps,
+        adjust_lr_fn="match_rms_adamw",
+    )  # fmt: skip
+    # The embedding has a group of its own: each update touches only the rows of the tokens seen,
+    # and (as in modded-nanogpt) those rows want a larger step than the head and the norm gains.
+    groups = [{"params": [embedding], "role": "embedding"}, {"params": rest}]
+    adamw = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, weight_decay=0.0, fused=fused)
     return Optimizers(muon, adamw)
 
 
@@ -96,9 +101,17 @@ def set_learning_rates(optimizer: torch.optim.Optimizer | Optimizers, cfg: Train
     """
     factor = lr_factor(cfg, step)
     for part in getattr(optimizer, "optimizers", [optimizer]):
-        peak = cfg.muon_lr if isinstance(part, torch.optim.Muon) else cfg.learning_rate
         for group in part.param_groups:
-            group["lr"] = peak * factor
+            group["lr"] = peak_learning_rate(cfg, part, group) * factor
+
+
+def peak_learning_rate(cfg: TrainConfig, optimizer: torch.optim.Optimizer, group: dict) -> float:
+    """A parameter group's peak rate: Muon's, the embedding's (muon recipe), or AdamW's."""
+    if isinstance(optimizer, torch.optim.Muon):
+        return cfg.muon_lr
+    if group.get("role") == "embedding" and cfg.embedding_lr is not None:
+        return cfg.embedding_lr
+    return cfg.learning_rate
 
 
 def learning_rate_at(cfg: TrainConfig, step: int) -> float:

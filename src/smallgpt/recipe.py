@@ -44,6 +44,9 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw, or muon: Muon for the blocks' matrices, AdamW for the rest
     learning_rate: float = 3e-4  # AdamW's peak, reached at the end of warm-up
     muon_lr: float = 0.02  # Muon's peak (optimizer=muon only)
+    muon_ns_steps: int = 5  # Newton-Schulz iterations per Muon update (fewer: cheaper, less orthogonal)
+    # The token embedding's AdamW peak (muon only; a head tied to it shares it); None = learning_rate
+    embedding_lr: float | None = None
     min_lr: float = 3e-5  # the floor the schedule decays to (AdamW's; Muon's is in proportion)
     schedule: str = "cosine"  # cosine: warm-up, cosine decay; wsd: warm-up, constant, linear decay
     decay_fraction: float = 0.5  # wsd: the share of the updates spent decaying
@@ -77,6 +80,8 @@ class TrainConfig:
              f"{self.micro_batch_size}"),
             (self.learning_rate > 0 and math.isfinite(self.learning_rate), "learning_rate must be > 0"),
             (self.muon_lr > 0 and math.isfinite(self.muon_lr), "muon_lr must be > 0"),
+            (1 <= self.muon_ns_steps <= 20, "muon_ns_steps must be in [1, 20]"),
+            (self.embedding_lr is None or self.embedding_lr > 0, "embedding_lr must be > 0 (or none)"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
             (0 < self.decay_fraction <= 1, "decay_fraction must be in (0, 1]"),
