@@ -153,7 +153,7 @@ def test_model_shows_trains_default_preset_and_its_recipe(cli):
     status, out, _ = cli(*words("model", "--json"))
     summary = json.loads(out)
     assert status == 0 and summary["preset"] == DEFAULT_PRESET == resolve_config().preset
-    assert summary["train"] == json.loads(json.dumps(vars(TRAIN_PRESETS["tiny"])))
+    assert summary["train"] == json.loads(json.dumps(vars(TRAIN_PRESETS[DEFAULT_PRESET])))
     status, out, _ = cli(*words("model", "--preset", "tiny"))
     flat = " ".join(out.split())
     assert status == 0 and "training recipe (smallgpt train --preset tiny):" in flat

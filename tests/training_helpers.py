@@ -45,13 +45,14 @@ MODERN_SETTINGS = {"arch": "qwen3", "bias": False, "optimizer": "muon", "schedul
 
 
 def tiny_run(**changes):
-    """The tiny RunConfig with `changes` applied (any model or training field)."""
-    return resolve_config(overrides={**TINY_SETTINGS, **changes})
+    """The tiny RunConfig with `changes` applied (any model or training field), on the seed's recipe
+    (the `tiny` preset) unless `changes` pick the modern one."""
+    return resolve_config("tiny", overrides={**TINY_SETTINGS, **changes})
 
 
 def cli_args(**changes) -> list[str]:
-    """The same settings as `key=value` words for `smallgpt train`."""
-    return [f"{key}={value}" for key, value in {**TINY_SETTINGS, **changes}.items()]
+    """The same settings as `smallgpt train` words: the `tiny` preset, then `key=value` pairs."""
+    return ["--preset", "tiny", *(f"{key}={value}" for key, value in {**TINY_SETTINGS, **changes}.items())]
 
 
 def start_smallgpt(*args: str) -> subprocess.Popen:
@@ -65,7 +66,7 @@ def start_smallgpt(*args: str) -> subprocess.Popen:
     )
 
 
-def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 60.0) -> None:
+def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 180.0) -> None:
     """Block until the run's metrics.jsonl has logged `step` (the run is then mid-way)."""
     deadline = time.monotonic() + timeout
     metrics = run_dir / "metrics.jsonl"
