@@ -24,7 +24,8 @@ from smallgpt.config import ModelConfig
 from smallgpt.errors import SmallGPTError
 from smallgpt.files import atomic_write_dir, remove_temporaries
 from smallgpt.optim import learning_rate_at
-from smallgpt.train import train, train_command
+from smallgpt.runs import train_command
+from smallgpt.train import train
 
 
 class NotATensor:

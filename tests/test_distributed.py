@@ -26,7 +26,8 @@ from training_helpers import (
 from smallgpt import distributed
 from smallgpt.errors import SmallGPTError
 from smallgpt.monitor import RunMonitor, datasheet_peak
-from smallgpt.train import micro_batch_for_world, train, train_command
+from smallgpt.runs import train_command
+from smallgpt.train import micro_batch_for_world, train
 
 
 def torchrun_train(data, out, settings) -> subprocess.CompletedProcess:

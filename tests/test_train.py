@@ -25,7 +25,8 @@ from smallgpt.errors import SmallGPTError
 from smallgpt.loader import DeviceBatches, RandomBatches
 from smallgpt.model import GPT
 from smallgpt.optim import make_optimizer
-from smallgpt.recipe import TrainConfig, resolve_config, split_cli_args
+from smallgpt.recipe import TrainConfig, resolve_config
+from smallgpt.runs import split_cli_args
 from smallgpt.train import Trainer, train
 
 

@@ -179,7 +179,8 @@ def model(
     import torch
 
     from smallgpt.model import GPT
-    from smallgpt.recipe import resolve_config, split_cli_args
+    from smallgpt.recipe import resolve_config
+    from smallgpt.runs import split_cli_args
 
     positional, overrides = split_cli_args(ctx.args)
     if positional:
@@ -252,7 +253,7 @@ def train(
     With no arguments: the tiny preset on the bundled corpus, ending with a generated sample.
     Under `torchrun --nproc_per_node=N` the same command trains on N processes (DDP).
     """
-    from smallgpt.train import train_command
+    from smallgpt.runs import train_command
 
     args = list(ctx.args) + ([f"device={device}"] if device else [])
     result = train_command(

@@ -15,13 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from smallgpt.checkpoint import load_checkpoint, step_checkpoints
 from smallgpt.config import (
     ModelConfig,
     check_field_types,
     check_seed,
     get_preset,
-    parse_overrides,
     with_overrides,
 )
 from smallgpt.distributed import DTYPES
@@ -202,62 +200,6 @@ def config_file_keys(config_file: str | Path | None) -> set[str]:
     values = tomllib.loads(Path(config_file).read_text())  # resolve_config has refused a bad file
     tables = [v for k, v in values.items() if k in ("model", "train") and isinstance(v, dict)]
     return set(values).union(*tables)
-
-
-def saved_state(run_dir: str | Path) -> dict:
-    """The state of the newest checkpoint in `run_dir` (step, config, data): what `--resume` continues."""
-    checkpoints = step_checkpoints(Path(run_dir))
-    if not checkpoints:
-        raise SmallGPTError(f"nothing to resume in {run_dir}: it has no checkpoints")
-    state, _ = load_checkpoint(checkpoints[-1])
-    return state
-
-
-def keep_schedule(saved: RunConfig, wanted: RunConfig, step: int) -> RunConfig:
-    """What a changed max_iters means on --resume: more (or fewer) updates on the same schedule.
-
-    The learning rate of the updates already taken is never rewritten: a run that decayed over its
-    first max_iters keeps decaying over those (lr_decay_iters is pinned to the old max_iters) and
-    spends any extra updates at min_lr, instead of jumping back up a re-stretched cosine with no
-    warm-up. Giving lr_decay_iters explicitly re-plans the decay, jump included.
-    """
-    new = wanted.train
-    if new.max_iters < step:
-        raise SmallGPTError(f"max_iters={new.max_iters} is below the step the run has reached ({step})")
-    if new.max_iters != saved.train.max_iters and new.lr_decay_iters == saved.train.lr_decay_iters == 0:
-        new = dataclasses.replace(new, lr_decay_iters=saved.train.max_iters)
-    return dataclasses.replace(wanted, train=new)
-
-
-def recorded_data(run_dir: str | Path, state: dict) -> str:
-    """The data directory a run's checkpoint says it trained on, where --resume continues by default."""
-    recorded = state.get("data")
-    path = recorded.get("path") if isinstance(recorded, dict) else None
-    if not isinstance(path, str):
-        raise SmallGPTError(f"{run_dir} does not record its training data (an older run): give --data")
-    if not Path(path).is_dir():
-        raise SmallGPTError(f"{run_dir} trained on {path}, which is gone: give --data")
-    return path
-
-
-def split_cli_args(args: list[str]) -> tuple[list[str], dict[str, str]]:
-    """Extra command-line words -> (positional words, overrides): key=value, --key=value, --key value."""
-    positional, pairs = [], []
-    words = iter(args)
-    for word in words:
-        if word.startswith("--"):
-            key = word[2:]
-            if "=" not in key:
-                value = next(words, None)
-                if value is None:
-                    raise SmallGPTError(f"option {word} needs a value")
-                key = f"{key}={value}"
-            pairs.append(key)
-        elif "=" in word:
-            pairs.append(word)
-        else:
-            positional.append(word)
-    return positional, parse_overrides(pairs)
 
 
 def require_same_shape(saved: ModelConfig, wanted: ModelConfig, where: Path) -> None:

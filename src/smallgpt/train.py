@@ -1,10 +1,10 @@
-"""Training: the seed's recipe as a loop you can read, stop, resume exactly, and spread over many GPUs.
+"""Training: one loop for both recipes, which you can read, stop, resume exactly, and spread over GPUs.
 
-    for each update (one optimizer step: AdamW, or Muon + AdamW; see `smallgpt.optim`):
-        lr <- linear warm-up, then cosine decay to a floor (or constant, then a linear decay)
+    for each update (one optimizer step: AdamW for the seed's recipe, Muon + AdamW for the modern one):
+        lr <- warm-up, then cosine decay to a floor (seed), or constant then linear decay to zero (modern)
         for each micro-batch of the update:        (under DDP: gradients all-reduced on the last one only)
             loss = model(x, y) / accumulation_steps;  loss.backward()
-        clip the gradient norm to 1.0;  optimizer step (weight decay on matrices only)
+        clip the gradient norm (grad_clip, 1.0 in the seed's recipe);  optimizer step (`smallgpt.optim`)
         every log_interval: progress bar, metrics.jsonl;  every eval_interval: val loss, checkpoint, plot
     finally: a full pass over the validation split, and a sample of generated text
 
@@ -57,13 +57,7 @@ from smallgpt.optim import learning_rate_at, make_optimizer, set_learning_rates
 from smallgpt.recipe import (
     RunConfig,
     TrainConfig,
-    config_file_keys,
-    keep_schedule,
-    recorded_data,
     require_same_shape,
-    resolve_config,
-    saved_state,
-    split_cli_args,
 )
 
 
@@ -415,59 +409,3 @@ def _print_sample(model: GPT, cfg: TrainConfig, console: Console) -> None:
     text = Engine(model, max_batch=1).generate([""], params)[0].text
     console.print("\nsample (temperature 0.8, top-k 200):", style="bold")
     console.print(text, markup=False, highlight=False)
-
-
-def train_command(
-    args: list[str],
-    *,
-    preset: str | None = None,
-    config_file: str | None = None,
-    data: str | None = None,
-    out: str | None = None,
-    resume: bool = False,
-    init_from: str | None = None,
-    console: Console | None = None,
-    allow_different_data: bool = False,
-) -> TrainResult:
-    """`smallgpt train`: settings from preset/file/`args`, data (default: the bundled corpus, or on
-    --resume the run's own), run dir."""
-    positional, overrides = split_cli_args(args)
-    if resume and len(positional) == 1:  # --resume RUN_DIR
-        if out is not None and Path(out) != Path(positional[0]):
-            raise SmallGPTError(f"--resume {positional[0]} continues that run in place: drop --out {out}")
-        out, positional = positional[0], []
-    if positional:
-        hint = " (an unquoted glob? quote it)" if len(positional) > 1 else ""
-        raise SmallGPTError(
-            f"unexpected argument(s) {' '.join(positional)}{hint}: settings are written key=value"
-        )
-    if resume and init_from is not None:
-        raise SmallGPTError("--resume continues a run; --init-from starts a new one: use one of them")
-    if resume:
-        if out is None:
-            raise SmallGPTError("--resume needs the run: smallgpt train --resume RUN_DIR")
-        state = saved_state(out)
-        saved = RunConfig.from_dict(state["config"])
-        run = keep_schedule(saved, resolve_config(preset, config_file, overrides, base=saved), state["step"])
-        if run.train.lr_decay_iters != saved.train.lr_decay_iters and console is not None:
-            console.print(
-                f"note: max_iters {saved.train.max_iters} -> {run.train.max_iters} keeps the learning-rate "
-                f"schedule (lr_decay_iters={run.train.lr_decay_iters}); updates past it run at min_lr",
-                highlight=False,
-            )
-        if data is None:
-            data = recorded_data(out, state)
-    elif init_from is not None:
-        checkpoint_model = read_model_config(resolve_weights(init_from))
-        run = resolve_config(preset, config_file, overrides, model=checkpoint_model)
-    else:
-        run = resolve_config(preset, config_file, overrides)
-    from smallgpt.prepare import data_dir_for
-
-    data = data_dir_for(data)
-    out_dir = out if out is not None else Path("runs") / run.preset
-    chosen = "micro_batch_size" in overrides or "micro_batch_size" in config_file_keys(config_file)
-    return train(
-        run, data, out_dir, resume=resume, init_from=init_from, console=console,
-        allow_different_data=allow_different_data, fit_micro_batch=not (resume or chosen),
-    )  # fmt: skip

@@ -1,0 +1,132 @@
+"""Which run `smallgpt train` starts: a new one, a resumed one, or one initialised from weights.
+
+The command line gives a preset, a TOML file and `key=value` words (`smallgpt.recipe` turns them into a
+`RunConfig`); `--resume RUN_DIR` reads the run's own config, data and step from its newest checkpoint
+and keeps its learning-rate schedule. Then `smallgpt.train.train` runs it (fitting the micro-batch to
+the world size under torchrun, unless the user chose one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from rich.console import Console
+
+from smallgpt.checkpoint import load_checkpoint, read_model_config, resolve_weights, step_checkpoints
+from smallgpt.config import parse_overrides
+from smallgpt.errors import SmallGPTError
+from smallgpt.recipe import RunConfig, config_file_keys, resolve_config
+from smallgpt.train import TrainResult, train
+
+
+def train_command(
+    args: list[str],
+    *,
+    preset: str | None = None,
+    config_file: str | None = None,
+    data: str | None = None,
+    out: str | None = None,
+    resume: bool = False,
+    init_from: str | None = None,
+    console: Console | None = None,
+    allow_different_data: bool = False,
+) -> TrainResult:
+    """`smallgpt train`: settings from preset/file/`args`, data (default: the bundled corpus, or on
+    --resume the run's own), run dir."""
+    positional, overrides = split_cli_args(args)
+    if resume and len(positional) == 1:  # --resume RUN_DIR
+        if out is not None and Path(out) != Path(positional[0]):
+            raise SmallGPTError(f"--resume {positional[0]} continues that run in place: drop --out {out}")
+        out, positional = positional[0], []
+    if positional:
+        hint = " (an unquoted glob? quote it)" if len(positional) > 1 else ""
+        raise SmallGPTError(
+            f"unexpected argument(s) {' '.join(positional)}{hint}: settings are written key=value"
+        )
+    if resume and init_from is not None:
+        raise SmallGPTError("--resume continues a run; --init-from starts a new one: use one of them")
+    if resume:
+        if out is None:
+            raise SmallGPTError("--resume needs the run: smallgpt train --resume RUN_DIR")
+        state = saved_state(out)
+        saved = RunConfig.from_dict(state["config"])
+        run = keep_schedule(saved, resolve_config(preset, config_file, overrides, base=saved), state["step"])
+        if run.train.lr_decay_iters != saved.train.lr_decay_iters and console is not None:
+            console.print(
+                f"note: max_iters {saved.train.max_iters} -> {run.train.max_iters} keeps the learning-rate "
+                f"schedule (lr_decay_iters={run.train.lr_decay_iters}); updates past it run at min_lr",
+                highlight=False,
+            )
+        if data is None:
+            data = recorded_data(out, state)
+    elif init_from is not None:
+        checkpoint_model = read_model_config(resolve_weights(init_from))
+        run = resolve_config(preset, config_file, overrides, model=checkpoint_model)
+    else:
+        run = resolve_config(preset, config_file, overrides)
+    from smallgpt.prepare import data_dir_for
+
+    data = data_dir_for(data)
+    out_dir = out if out is not None else Path("runs") / run.preset
+    chosen = "micro_batch_size" in overrides or "micro_batch_size" in config_file_keys(config_file)
+    return train(
+        run, data, out_dir, resume=resume, init_from=init_from, console=console,
+        allow_different_data=allow_different_data, fit_micro_batch=not (resume or chosen),
+    )  # fmt: skip
+
+
+def split_cli_args(args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Extra command-line words -> (positional words, overrides): key=value, --key=value, --key value."""
+    positional, pairs = [], []
+    words = iter(args)
+    for word in words:
+        if word.startswith("--"):
+            key = word[2:]
+            if "=" not in key:
+                value = next(words, None)
+                if value is None:
+                    raise SmallGPTError(f"option {word} needs a value")
+                key = f"{key}={value}"
+            pairs.append(key)
+        elif "=" in word:
+            pairs.append(word)
+        else:
+            positional.append(word)
+    return positional, parse_overrides(pairs)
+
+
+def saved_state(run_dir: str | Path) -> dict:
+    """The state of the newest checkpoint in `run_dir` (step, config, data): what `--resume` continues."""
+    checkpoints = step_checkpoints(Path(run_dir))
+    if not checkpoints:
+        raise SmallGPTError(f"nothing to resume in {run_dir}: it has no checkpoints")
+    state, _ = load_checkpoint(checkpoints[-1])
+    return state
+
+
+def keep_schedule(saved: RunConfig, wanted: RunConfig, step: int) -> RunConfig:
+    """What a changed max_iters means on --resume: more (or fewer) updates on the same schedule.
+
+    The learning rate of the updates already taken is never rewritten: a run that decayed over its
+    first max_iters keeps decaying over those (lr_decay_iters is pinned to the old max_iters) and
+    spends any extra updates at min_lr, instead of jumping back up a re-stretched cosine with no
+    warm-up. Giving lr_decay_iters explicitly re-plans the decay, jump included.
+    """
+    new = wanted.train
+    if new.max_iters < step:
+        raise SmallGPTError(f"max_iters={new.max_iters} is below the step the run has reached ({step})")
+    if new.max_iters != saved.train.max_iters and new.lr_decay_iters == saved.train.lr_decay_iters == 0:
+        new = dataclasses.replace(new, lr_decay_iters=saved.train.max_iters)
+    return dataclasses.replace(wanted, train=new)
+
+
+def recorded_data(run_dir: str | Path, state: dict) -> str:
+    """The data directory a run's checkpoint says it trained on, where --resume continues by default."""
+    recorded = state.get("data")
+    path = recorded.get("path") if isinstance(recorded, dict) else None
+    if not isinstance(path, str):
+        raise SmallGPTError(f"{run_dir} does not record its training data (an older run): give --data")
+    if not Path(path).is_dir():
+        raise SmallGPTError(f"{run_dir} trained on {path}, which is gone: give --data")
+    return path
