@@ -144,9 +144,7 @@ def test_the_micro_batch_shrinks_to_share_the_batch_over_the_processes(batch, mi
 
 def test_only_a_micro_batch_the_user_did_not_choose_is_fitted(tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setattr(
-        "smallgpt.train.train", lambda *args, **kwargs: seen.append(kwargs["fit_micro_batch"])
-    )
+    monkeypatch.setattr("smallgpt.runs.train", lambda *args, **kwargs: seen.append(kwargs["fit_micro_batch"]))
     data = str(write_data(tmp_path / "data"))
     config = tmp_path / "run.toml"
     config.write_text("[train]\nmicro_batch_size = 4\n")
