@@ -118,6 +118,7 @@ MODERN = dict(
     schedule="wsd",
     muon_lr=0.04,
     learning_rate=0.012,
+    embedding_lr=0.4,  # rows of the embedding see few updates each: they want a far larger step
     min_lr=0.0,
     beta1=0.8,
     beta2=0.95,
