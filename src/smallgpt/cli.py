@@ -250,7 +250,7 @@ def train(
 ) -> None:
     """Train a model; any setting can follow as key=value or --key value (e.g. max_iters=2000).
 
-    With no arguments: the tiny preset on the bundled corpus, ending with a generated sample.
+    With no arguments: the tiny-modern preset on the bundled corpus, ending with a generated sample.
     Under `torchrun --nproc_per_node=N` the same command trains on N processes (DDP).
     """
     from smallgpt.runs import train_command
