@@ -11,7 +11,7 @@ from conftest import ONE_THREAD_ENV, smallgpt
 
 from smallgpt.checkpoint import save_weights
 from smallgpt.config import ModelConfig
-from smallgpt.engine import Completion, Engine, Request
+from smallgpt.engine import Completion, Engine, Request, prompt_ids
 from smallgpt.errors import SmallGPTError
 from smallgpt.generate import RowText, SamplingParams, inverse_cdf, quantize_int8, sample_next_token
 from smallgpt.model import GPT
@@ -69,7 +69,7 @@ def test_cached_generation_equals_full_recomputation_across_the_context_limit(pr
 
 @pytest.mark.parametrize("params", [SamplingParams(60, temperature=0), SamplingParams(60, seed=5)])
 def test_batch_of_different_lengths_equals_each_prompt_alone(params):
-    generator = Engine(small_model())
+    generator = Engine(small_model(), batch_invariant=True)
     prompts = ["Hi", LONG_PROMPT, "A much longer opening line, of a dozen tokens or so"]
     batch = generator.generate(prompts, params)  # every row crosses the 32-token context
     for i, (prompt, completion) in enumerate(zip(prompts, batch, strict=True)):
@@ -168,7 +168,7 @@ def test_temperature_towards_zero_is_argmax():
 
 def streamed(engine: Engine, prompt: str, params: SamplingParams) -> tuple[list[str], Completion]:
     """The text deltas a sequence hands out step by step, and its completion."""
-    sequence = engine.submit(Request(engine.prompt_ids(prompt), params))
+    sequence = engine.submit(Request(prompt_ids(prompt), params))
     deltas = []
     while not sequence.done:
         engine.step()
@@ -383,3 +383,19 @@ def test_sample_bad_input_gives_one_line_errors(checkpoint, tmp_path):
         assert run.returncode == 1, (args, stderr)
         assert message in stderr and "Traceback" not in stderr, (args, stderr)
         assert len(stderr.strip().splitlines()) == 1, (args, stderr)
+
+
+def test_sequences_sample_together_only_when_every_distribution_field_agrees():
+    """The grouping key is derived: every field not marked per-sequence is in it, so a new field cannot
+    be left out by hand (which would sample a whole group with the first request's setting)."""
+    base, changed = (
+        SamplingParams(),
+        dict(max_new_tokens=5, temperature=0.5, top_k=3, top_p=0.5, seed=1, stop=("x",)),
+    )
+    assert set(changed) == {f.name for f in dataclasses.fields(SamplingParams)}  # a new field: add it here
+    same_group = {
+        name
+        for name, value in changed.items()
+        if dataclasses.replace(base, **{name: value}).sampler == base.sampler
+    }
+    assert same_group == {"max_new_tokens", "seed", "stop"}

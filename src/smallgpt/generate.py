@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import codecs
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
@@ -24,20 +24,27 @@ from smallgpt.model import GPT
 GREEDY_BELOW = torch.finfo(torch.float32).tiny
 
 
+# Marks a field that only its own sequence reads; every other field shapes the distribution a token is
+# drawn from, and sequences are sampled together only where all of those agree (`SamplingParams.sampler`).
+PER_SEQUENCE = {"per_sequence": True}
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick each next token. Same seed, same prompt, same model -> same text.
 
-    A sequence samples from its own random stream, seeded with `seed`, so its text is the same whatever
-    else shares its batch. (The CLI's sample i and the server's choice i use seed + i.)
+    A sequence samples from its own random stream, seeded with `seed`, so the tokens drawn do not depend
+    on what else shares its batch (the logits may, in their last digits: see `DecodeStep`). The CLI's
+    sample i and the server's choice i use seed + i (`Engine.requests`).
     """
 
-    max_new_tokens: int = 100  # 0: only score the prompt (the server's max_tokens 0 with echo)
+    max_new_tokens: int = field(default=100, metadata=PER_SEQUENCE)  # 0: only score the prompt
     temperature: float = 1.0  # 0 = greedy (always the most probable token)
     top_k: int | None = None  # sample only among the k most probable tokens
     top_p: float | None = None  # ... only among the smallest set whose probability mass reaches p
-    seed: int | None = None  # None = a fresh random seed
-    stop: tuple[str, ...] = ()  # end when the text contains one of these (not included in the text)
+    seed: int | None = field(default=None, metadata=PER_SEQUENCE)  # None = a fresh random seed
+    # End when the text contains one of these (not included in the text).
+    stop: tuple[str, ...] = field(default=(), metadata=PER_SEQUENCE)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))  # accept a list too
@@ -58,8 +65,9 @@ class SamplingParams:
 
     @property
     def sampler(self) -> tuple:
-        """What decides the distribution: sequences with equal samplers are sampled as one batch."""
-        return (self.greedy, self.temperature, self.top_k, self.top_p)
+        """What decides the distribution: sequences with equal samplers are sampled as one batch. Every
+        field not marked PER_SEQUENCE, so a new field is in it unless someone says otherwise."""
+        return tuple(getattr(self, f.name) for f in fields(self) if not f.metadata.get("per_sequence"))
 
 
 def sample_next_token(
