@@ -48,7 +48,7 @@ def save_weights(model: GPT, path: Path) -> None:
 
 def _stored(state: dict, config: ModelConfig) -> dict:
     """The entries of a state dict that a weights file holds: a tied head is the embedding."""
-    tied = config.tied_head
+    tied = config.architecture.tied_head
     return {name: value for name, value in state.items() if not (tied and name == "lm_head.weight")}
 
 

@@ -206,7 +206,9 @@ def model(
     for name, shape, count in rows:
         table.add_row(name, "x".join(map(str, shape)), f"{count:,}")
     console.print(table)
-    head = "head tied to wte" if config.tied_head else "untied head: not counted as non-embedding"
+    head = (
+        "head tied to wte" if config.architecture.tied_head else "untied head: not counted as non-embedding"
+    )
     console.print(f"architecture:             {config.arch}")
     console.print(f"total parameters:         {summary['parameters']:,}  ({head})")
     console.print(f"non-embedding parameters: {summary['non_embedding_parameters']:,}")
