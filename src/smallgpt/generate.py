@@ -184,10 +184,15 @@ class RowText:
 class Int8Linear(nn.Module):
     """A Linear layer that stores its weight as int8 with one scale per output row (CPU inference).
 
-    Decoding one sequence on a CPU is bound by reading the weights from memory for every token
-    (~120 MB for smallgpt-10m in fp32, 60% of it the tied head); int8 reads a quarter of that. Row w
-    is stored as round(w / s) with s = max|w| / 127 (error at most s/2 per weight); inputs pass through
-    bfloat16, the input type of PyTorch's int8 weight-only matmul kernel.
+    Decoding one sequence on a CPU is bound by reading the weights for every token (~120 MB for
+    smallgpt-10m in fp32, 60% of it the head); int8 reads a quarter of that. Row w is stored as
+    round(w / s) with s = max|w| / 127 (error at most s/2 per weight). The matmul is PyTorch's int8
+    weight-only kernel, `_weight_int8pack_mm`, which widens the weights inside its loop; its vector
+    path takes bfloat16 inputs (fp32 ones run ~10x slower), so inputs pass through bfloat16.
+
+    Why not torchao's `Int8WeightOnlyConfig` (the same per-row scheme): in eager mode, as the engine
+    runs, its matmul first converts the whole weight to fp32, ~5x slower than this kernel; compiled
+    with bfloat16 inputs it becomes this kernel (benchmarks/RESULTS.md).
     """
 
     def __init__(self, linear: nn.Linear):
@@ -200,8 +205,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scale)
-        y = y.to(x.dtype).view(*x.shape[:-1], -1)
+        y = torch._weight_int8pack_mm(rows, self.weight, self.scale).to(x.dtype)
+        y = y.view(x.shape[:-1] + (-1,))
         return y if self.bias is None else y + self.bias
 
 
