@@ -280,11 +280,16 @@ def test_bad_sampling_params_are_refused(kwargs, message):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_int8_weights_on_every_linear_keep_the_distribution_and_leave_the_model_alone(arch):
     model = small_model(arch=arch)
+    linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    with torch.no_grad():  # biases start at zero: draw them, so that a dropped bias shows
+        for bias in (linear.bias for linear in linears.values() if linear.bias is not None):
+            bias.normal_(std=0.1)
     before = {name: value.clone() for name, value in model.state_dict().items()}
     quantized = quantize_int8(model)
-    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     assert not [name for name, module in quantized.named_modules() if isinstance(module, nn.Linear)]
-    assert [name for name, module in quantized.named_modules() if isinstance(module, Int8Linear)] == linears
+    assert [name for name, module in quantized.named_modules() if isinstance(module, Int8Linear)] == list(
+        linears
+    )
     idx = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         exact, approx = model(idx), quantized(idx)
