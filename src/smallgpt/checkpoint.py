@@ -198,7 +198,8 @@ def save_checkpoint(directory: Path, model: GPT, trainer_state: dict, state: dic
 
     def write(tmp: Path) -> None:
         save_weights(model, tmp / WEIGHTS_NAME)
-        torch.save(trainer_state, tmp / TRAINER_NAME)
+        with open(tmp / TRAINER_NAME, "wb") as file:  # a Python file: a full disk surfaces as its OSError
+            torch.save(trainer_state, file)
         (tmp / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
 
     atomic_write_dir(directory, write)
