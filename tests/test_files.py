@@ -8,14 +8,19 @@ full filesystem in test_train.py.
 import errno
 import json
 import os
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import matplotlib.figure
 import pytest
 import torch
+from conftest import no_space
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from training_helpers import metrics, tiny_run
+from training_helpers import ONE_THREAD_ENV, REPO, cli_args, metrics, tiny_run
 
 from smallgpt import checkpoint, monitor
 from smallgpt.checkpoint import load_checkpoint, step_checkpoints
@@ -28,10 +33,6 @@ from smallgpt.files import (
     writing,
 )
 from smallgpt.train import train
-
-
-def no_space(*args, **kwargs):
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def everything_in(directory: Path) -> dict[str, bytes]:
@@ -220,3 +221,104 @@ def test_a_failed_write_stops_in_one_line_after_saving_what_it_can(
         result = train(tiny_run(max_iters=30, eval_interval=10), tiny_data, run, resume=True)
         logged = [r["step"] for r in metrics(run, "train")]
         assert result.step == 30 and logged == [*range(1, 15), *range(16, 31)]  # lost: the refused record
+
+
+def test_a_run_dir_deleted_mid_run_stops_and_saves_the_updates_in_its_place(tiny_data, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    real_log_train = monitor.RunMonitor.log_train
+
+    def log_train(self, step, *args):
+        if step == 15:
+            shutil.rmtree(run)  # as `rm -rf run` from another shell would
+        real_log_train(self, step, *args)
+
+    monkeypatch.setattr(monitor.RunMonitor, "log_train", log_train)
+    with pytest.raises(WriteError) as error:
+        train(tiny_run(max_iters=30, eval_interval=10), tiny_data, run)
+    assert str(error.value).startswith(
+        f"{run} was deleted during the run; stopped at step 15, the last good checkpoint is "
+        f"{run}/checkpoints/step-0000015"
+    )
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_dir()) == [
+        "checkpoints",
+        "checkpoints/step-0000015",
+    ]
+    monkeypatch.undo()
+    assert train(tiny_run(max_iters=30, eval_interval=10), tiny_data, run, resume=True).step == 30
+
+
+# --- the real thing: a small filesystem that fills up, a directory made read-only -----------------
+
+FILL_THE_DISK = r"""
+mount -t tmpfs -o size=2m tmpfs "$DISK" || exit 77
+RUN="$DISK/run"
+"$PYTHON" -m smallgpt train --out "$RUN" "$@" > /dev/null 2> "$OUT/train.err" &
+until [ -d "$RUN/checkpoints/step-0000010" ] || ! kill -0 $! 2> /dev/null; do sleep 0.05; done
+dd if=/dev/zero of="$DISK/filler" bs=4k 2> /dev/null  # another job takes the rest of the disk
+wait $!; echo $? > "$OUT/train.rc"
+(cd "$RUN" && find . -printf '%y %m %p\n') > "$OUT/files"
+rm "$DISK/filler"
+"$PYTHON" -m smallgpt train --resume "$RUN" max_iters=30 > /dev/null 2> "$OUT/resume.err"
+echo $? > "$OUT/resume.rc"; ls "$RUN/checkpoints" > "$OUT/resumed"
+"""
+
+
+def umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.skipif(not shutil.which("unshare"), reason="needs unshare to mount a small filesystem")
+def test_a_disk_that_fills_mid_run_on_a_real_small_filesystem(tiny_data, tmp_path):
+    """Training on a 2 MB tmpfs (mounted in a user namespace: no root needed) that another writer
+    fills after the first checkpoint: one line, every file intact with plain permissions, and
+    `--resume` goes on once the space is back."""
+    (tmp_path / "disk").mkdir()
+    env = {**ONE_THREAD_ENV, "DISK": str(tmp_path / "disk"), "OUT": str(tmp_path), "PYTHON": sys.executable}
+    args = ["--data", str(tiny_data), *cli_args(max_iters=400, eval_interval=10)]
+    command = ["unshare", "--user", "--map-root-user", "--mount", "bash", "-c", FILL_THE_DISK, "fill", *args]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0 or not (tmp_path / "train.rc").is_file():
+        pytest.skip(f"cannot mount a small filesystem here: {done.stderr.strip()[:200]}")
+    error = (tmp_path / "train.err").read_text()
+    listing = [line.split(" ", 2) for line in (tmp_path / "files").read_text().splitlines()]
+    newest = "/".join(Path(max(n for _, _, n in listing if n.startswith("./checkpoints/step-"))).parts[:2])
+    assert (tmp_path / "train.rc").read_text().strip() == "1" and len(error.strip().splitlines()) == 1, error
+    assert error.startswith("error: cannot write ") and ": No space left on device; stopped at step " in error
+    assert f"the last good checkpoint is {tmp_path}/disk/run/{newest} " in error
+    assert not [name for _, _, name in listing if "/." in name], "a temporary was left behind"
+    plain = {"d": 0o777 & ~umask(), "f": 0o666 & ~umask()}  # what mkdir and open give
+    assert {name: int(mode, 8) for kind, mode, name in listing} == {n: plain[k] for k, _, n in listing}
+    assert (tmp_path / "resume.rc").read_text().strip() == "0", (tmp_path / "resume.err").read_text()
+    assert (tmp_path / "resumed").read_text().split()[-1] == "step-0000030"
+
+
+def test_a_run_dir_made_read_only_mid_run(tiny_data, tmp_path):
+    """chmod a-w on the run directory while training: one line naming the refused write and the
+    checkpoint that stays. Root writes anyway, so as root the run is a user namespace's user 1000."""
+    as_user = []
+    if os.geteuid() == 0:
+        as_user = ["unshare", "--user", "--map-user=1000", "--map-group=1000"]
+        if not shutil.which("unshare") or subprocess.run([*as_user, "true"]).returncode != 0:
+            pytest.skip("as root, and no user namespace to run as an ordinary user")
+    run = tmp_path / "run"
+    args = ["train", "--data", str(tiny_data), "--out", str(run), *cli_args(max_iters=400, eval_interval=10)]
+    training = subprocess.Popen(
+        [*as_user, sys.executable, "-m", "smallgpt", *args], cwd=REPO, env=ONE_THREAD_ENV, text=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    while not (run / "checkpoints" / "step-0000010").is_dir() and training.poll() is None:
+        time.sleep(0.05)
+    for directory in (run, run / "checkpoints"):
+        directory.chmod(0o555)
+    _, error = training.communicate(timeout=300)
+    for directory in (run, run / "checkpoints"):
+        directory.chmod(0o755)
+    newest = step_checkpoints(run)[-1]
+    assert training.returncode == 1 and len(error.strip().splitlines()) == 1, error
+    assert (
+        error.startswith(f"error: cannot write {run}/") and ": Permission denied; stopped at step " in error
+    )
+    assert f"the last good checkpoint is {newest} " in error and load_checkpoint(newest)
+    assert not list(run.rglob(".*")), "a temporary was left behind"
