@@ -223,6 +223,23 @@ def test_a_failed_write_stops_in_one_line_after_saving_what_it_can(
         assert result.step == 30 and logged == [*range(1, 15), *range(16, 31)]  # lost: the refused record
 
 
+def test_a_full_disk_at_a_checkpoint_first_makes_the_room_the_prune_would(tiny_data, tmp_path, monkeypatch):
+    """keep_last=2 on a disk with room for two checkpoints, not for the third a save writes before
+    the prune: the oldest, which the prune deletes anyway, goes first, and the run ends normally."""
+    run, real_save_file, refused = tmp_path / "run", checkpoint.save_file, []
+
+    def save_file(state, path, metadata=None):
+        if ".step-" in path and len(step_checkpoints(run)) == 2:
+            refused.append(Path(path).parent.name[:13])
+            no_space()
+        real_save_file(state, path, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint, "save_file", save_file)
+    result = train(tiny_run(max_iters=30, eval_interval=10, keep_last=2), tiny_data, run)
+    assert result.step == 30 and refused == [".step-0000030"]
+    assert [p.name for p in step_checkpoints(run)] == ["step-0000020", "step-0000030"]
+
+
 def test_a_run_dir_deleted_mid_run_stops_and_saves_the_updates_in_its_place(tiny_data, tmp_path, monkeypatch):
     run = tmp_path / "run"
     real_log_train = monitor.RunMonitor.log_train

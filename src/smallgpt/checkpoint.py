@@ -253,8 +253,11 @@ def step_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in (run_dir / "checkpoints").glob("step-*") if p.is_dir())
 
 
-def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    """Delete all but the newest `keep` step checkpoints, and temporaries left by a killed run."""
-    for old in step_checkpoints(run_dir)[:-keep]:
+def prune_checkpoints(run_dir: Path, keep: int) -> bool:
+    """Delete all but the newest `keep` step checkpoints, and temporaries left by a killed run;
+    says whether there was a checkpoint to delete."""
+    pruned = step_checkpoints(run_dir)[:-keep]
+    for old in pruned:
         shutil.rmtree(old, ignore_errors=True)
     remove_temporaries(run_dir / "checkpoints")
+    return bool(pruned)

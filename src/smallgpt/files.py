@@ -22,11 +22,11 @@ from smallgpt.errors import SmallGPTError, os_reason
 
 
 class WriteError(SmallGPTError):
-    """An output that could not be written; `path` says which."""
+    """An output that could not be written; `path` says which, `errno` why (where the system said)."""
 
-    def __init__(self, path: Path, message: str) -> None:
+    def __init__(self, path: Path, message: str, errno: int | None = None) -> None:
         super().__init__(message)
-        self.path = Path(path)
+        self.path, self.errno = Path(path), errno
 
 
 def os_error_behind(exc: BaseException | None) -> OSError | None:
@@ -54,7 +54,7 @@ def writing(path: Path) -> Iterator[None]:
         error = os_error_behind(exc)
         if error is None:
             raise
-        raise WriteError(path, f"cannot write {path}: {os_reason(error)}") from None
+        raise WriteError(path, f"cannot write {path}: {os_reason(error)}", error.errno) from None
 
 
 def make_dir(path: Path, what: str = "output directory") -> Path:

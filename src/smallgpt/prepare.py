@@ -75,7 +75,9 @@ def default_data_dir(*, force: bool = False) -> Path:
     """The bundled corpus, prepared into the cache on first use and reused afterwards (`--data default`)."""
     out_dir = make_dir(cache_dir() / "data" / "default", "cache directory")
     # Several processes (DDP ranks) may ask at once: the first prepares, the others wait and reuse.
-    with writing(out_dir / ".lock"), open(out_dir / ".lock", "w") as lock:
+    with writing(out_dir / ".lock"):
+        lock = open(out_dir / ".lock", "w")  # noqa: SIM115 (closed by the `with` below)
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         meta_path = out_dir / "meta.json"
         if meta_path.is_file() and not force:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 from contextlib import nullcontext
@@ -329,9 +330,16 @@ class Trainer:
             "data": self.data,
         }
         trainer_state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
-        save_checkpoint(
-            self.out_dir / "checkpoints" / f"step-{self.step:07d}", self.model, trainer_state, state
-        )
+        directory = self.out_dir / "checkpoints" / f"step-{self.step:07d}"
+        try:
+            save_checkpoint(directory, self.model, trainer_state, state)
+        except WriteError as failure:
+            # A full disk: make now the room the prune below makes after a save (the newest checkpoint
+            # is never touched) and try once more.
+            keep = max(self.cfg.keep_last - 1, 1)
+            if failure.errno != errno.ENOSPC or not prune_checkpoints(self.out_dir, keep):
+                raise
+            save_checkpoint(directory, self.model, trainer_state, state)
         prune_checkpoints(self.out_dir, self.cfg.keep_last)
 
 
