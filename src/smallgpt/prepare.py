@@ -108,7 +108,7 @@ class SplitWriter:
     def __init__(self, final_path: Path) -> None:
         self.final_path = final_path
         self.tmp_path = final_path.with_name(f".{final_path.name}.tmp-{os.getpid()}")
-        self.file = open(self.tmp_path, "wb")  # noqa: SIM115 (closed in finish/discard)
+        self.file = open(self.tmp_path, "wb")  # noqa: SIM115 (closed in close/discard)
         self.documents = 0
         self.tokens = 0
         self.token_counts = np.zeros(EOT_ID + 1, dtype=np.int64)
