@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from training_helpers import ONE_THREAD_ENV, REPO, cli_args, metrics, tiny_run
 
 from smallgpt import checkpoint, monitor
-from smallgpt.checkpoint import load_checkpoint, step_checkpoints
+from smallgpt.checkpoint import RunStart, load_checkpoint, step_checkpoints
 from smallgpt.files import (
     WriteError,
     atomic_write_dir,
@@ -218,7 +218,7 @@ def test_a_failed_write_stops_in_one_line_after_saving_what_it_can(
         assert best["step"] == 10 and state["best_val_loss"] == best["val_loss"]
     if site == "metrics":  # the disk freed, --resume goes on from the checkpoint the failure saved
         monkeypatch.undo()
-        result = train(tiny_run(max_iters=30, eval_interval=10), tiny_data, run, resume=True)
+        result = train(tiny_run(max_iters=30, eval_interval=10), tiny_data, run, start=RunStart.resume(run))
         logged = [r["step"] for r in metrics(run, "train")]
         assert result.step == 30 and logged == [*range(1, 15), *range(16, 31)]  # lost: the refused record
 
@@ -261,7 +261,9 @@ def test_a_run_dir_deleted_mid_run_stops_and_saves_the_updates_in_its_place(tiny
         "checkpoints/step-0000015",
     ]
     monkeypatch.undo()
-    assert train(tiny_run(max_iters=30, eval_interval=10), tiny_data, run, resume=True).step == 30
+    assert (
+        train(tiny_run(max_iters=30, eval_interval=10), tiny_data, run, start=RunStart.resume(run)).step == 30
+    )
 
 
 # --- the real thing: a small filesystem that fills up, a directory made read-only -----------------
