@@ -206,7 +206,12 @@ def test_a_failed_write_stops_in_one_line_after_saving_what_it_can(
     fail_writes_of(monkeypatch, site, code)
     with pytest.raises(WriteError) as error:
         train(tiny_run(max_iters=30, eval_interval=10), tiny_data, run)
-    kept = f"the last good checkpoint is {run}/checkpoints/step-{saved:07d}" if saved else "no checkpoint"
+    kept = (
+        f"the last good checkpoint is {run}/checkpoints/step-{saved:07d} (continue with `smallgpt train "
+        f"--resume {run}` once {run} can be written)"
+        if saved
+        else f"no checkpoint was written (start it again once {run} can be written)"
+    )
     assert str(error.value).startswith(f"cannot write {run}/{failed}: {os.strerror(code)}; ")
     assert f"stopped at step {stopped_at}, {kept}" in str(error.value) and "\n" not in str(error.value)
     assert not list(run.rglob(".*")), "a temporary was left behind"

@@ -289,10 +289,12 @@ class Trainer:
         if not saved and not failure.path.is_relative_to(checkpoints):
             with contextlib.suppress(WriteError):
                 self._save()
+        resumable = step_checkpoints(self.out_dir)
+        then = f"continue with `smallgpt train --resume {self.out_dir}`" if resumable else "start it again"
         return WriteError(
             failure.path,
-            f"{failure}; stopped at step {self.step}, {self._last_good()} (continue with "
-            f"`smallgpt train --resume {self.out_dir}` once {self.out_dir} can be written)",
+            f"{failure}; stopped at step {self.step}, {self._last_good()} ({then} once {self.out_dir} "
+            "can be written)",
         )
 
     def _evaluate_and_save(self) -> None:
