@@ -1,8 +1,9 @@
-"""Atomic outputs when the disk says no: the old version stays whole, no temporary is left, one line.
+"""Outputs when the disk says no: the old version stays whole, no temporary is left, one line.
 
 Failures are injected where the bytes go down (a writer raising `OSError(ENOSPC)`), as the libraries
-really report them (torch.save wraps the OSError, safetensors only quotes its number), and on a real
-full filesystem in test_train.py.
+really report them (torch.save wraps the OSError, safetensors only quotes its number): first in the
+atomic writers, then at each write site of a training run in turn. Last, the real thing: a small
+filesystem that fills up mid-run, and a run directory made read-only.
 """
 
 import errno
