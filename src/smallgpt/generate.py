@@ -191,8 +191,9 @@ class Int8Linear(nn.Module):
     path takes bfloat16 inputs (fp32 ones run ~10x slower), so inputs pass through bfloat16.
 
     Why not torchao's `Int8WeightOnlyConfig` (the same per-row scheme): in eager mode, as the engine
-    runs, its matmul first converts the whole weight to fp32, ~5x slower than this kernel; compiled
-    with bfloat16 inputs it becomes this kernel (benchmarks/RESULTS.md).
+    runs, its matmul first converts the whole weight to fp32, which made generation 7-11x slower than
+    this layer (slower than fp32 itself); compiled with bfloat16 inputs it becomes this very kernel
+    (benchmarks/RESULTS.md).
     """
 
     def __init__(self, linear: nn.Linear):
@@ -213,7 +214,7 @@ class Int8Linear(nn.Module):
 def quantize_int8(model: GPT) -> GPT:
     """A copy of `model` for CPU generation with every matmul weight in int8 (embeddings stay fp32).
 
-    About twice as fast at batch 1 on a CPU; logits move by about 1% of their spread, so samples are
+    1.7-2.1x as fast at batch 1 on a 2-core CPU; logits move by 1-2% of their spread, so samples are
     as good but not bit-identical to fp32 (greedy text can differ where two tokens nearly tie).
     """
     if next(model.parameters()).device.type != "cpu":
