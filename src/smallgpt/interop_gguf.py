@@ -20,6 +20,7 @@ The `gguf` package (pure Python, from llama.cpp's repository) does the file form
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +83,7 @@ def export_to_gguf(
     return out
 
 
-def gguf_tensors(state: dict, config: ModelConfig, hf_name) -> dict[str, np.ndarray]:
+def gguf_tensors(state: dict, config: ModelConfig, hf_name: Callable[[str], str]) -> dict[str, np.ndarray]:
     """Our state dict as float32 arrays under llama.cpp's names, padding dropped, a tied head left out."""
     names = gguf.get_tensor_name_map(ARCH_IDS[config.architecture.gguf_arch], config.n_layer)
     tensors = {}
@@ -97,7 +98,7 @@ def gguf_tensors(state: dict, config: ModelConfig, hf_name) -> dict[str, np.ndar
     return tensors
 
 
-def add_hyperparameters(writer, config: ModelConfig, file_type) -> None:
+def add_hyperparameters(writer: gguf.GGUFWriter, config: ModelConfig, file_type: int) -> None:
     """The `ARCH.*` keys llama.cpp's loader reads, from the config's shape and its architecture's features."""
     arch = config.architecture
     writer.add_context_length(config.block_size)
@@ -118,7 +119,7 @@ def add_hyperparameters(writer, config: ModelConfig, file_type) -> None:
     writer.add_file_type(file_type)
 
 
-def add_tokenizer(writer) -> None:
+def add_tokenizer(writer: gguf.GGUFWriter) -> None:
     """The GPT-2 BPE as llama.cpp's converter stores a GPT-2 tokenizer: byte-level tokens in id order,
     the merges in rank order, `<|endoftext|>` a control token that begins and ends texts."""
     vocab = json.loads(verified_bytes("encoder.json"))
