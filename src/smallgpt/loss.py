@@ -61,6 +61,30 @@ def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
+class _TileBuffers:
+    """The logits of one tile, in buffers allocated once per call and reused by every tile: fresh
+    megabyte-sized tensors would each cost the allocator page faults. `logits(h, w_tile)` is
+    h @ w_tile^T in the accumulation dtype (through a matmul-dtype buffer under autocast)."""
+
+    def __init__(self, rows: int, columns: int, mm_dtype: torch.dtype, acc: torch.dtype, device):
+        self.acc = torch.empty(rows * columns, dtype=acc, device=device)
+        self.mm = None if mm_dtype == acc else torch.empty(rows * columns, dtype=mm_dtype, device=device)
+        self.rows = rows
+
+    def view(self, buffer: torch.Tensor, columns: int) -> torch.Tensor:
+        return buffer[: self.rows * columns].view(self.rows, columns)
+
+    def logits(self, h: torch.Tensor, w_tile: torch.Tensor) -> torch.Tensor:
+        acc = self.view(self.acc, len(w_tile))
+        if self.mm is None:
+            return torch.mm(h, w_tile.t(), out=acc)
+        return acc.copy_(torch.mm(h, w_tile.t(), out=self.view(self.mm, len(w_tile))))
+
+    def in_mm_dtype(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` (a tile in the accumulation dtype) cast into the matmul-dtype buffer."""
+        return values if self.mm is None else self.view(self.mm, values.shape[1]).copy_(values)
+
+
 def _tiles(vocab_size: int, columns: int):
     return (slice(start, min(start + columns, vocab_size)) for start in range(0, vocab_size, columns))
 
@@ -75,10 +99,18 @@ class _TiledLinearCrossEntropy(torch.autograd.Function):
         valid = targets != IGNORE_INDEX
         safe_targets = targets.clamp(min=0)
         row_factor = valid.to(acc) / valid.sum().clamp(min=1)  # the mean over counted rows
-        log_z = torch.full((len(targets),), float("-inf"), dtype=acc, device=hidden.device)
+        buffers = _TileBuffers(len(targets), columns, mm_dtype, acc, hidden.device)
+        # Online logsumexp: a running max M and a running sum S of exp(z - M) over the tiles seen;
+        # a larger max rescales the sum by exp(M_old - M_new). Then lse = M + log S.
+        running_max = torch.full((len(targets), 1), float("-inf"), dtype=acc, device=hidden.device)
+        running_sum = torch.zeros(len(targets), 1, dtype=acc, device=hidden.device)
         for tile in _tiles(vocab_size, columns):
-            tile_log_z = torch.logsumexp((h_mm @ w_mm[tile].t()).to(acc), dim=1)
-            log_z = torch.logaddexp(log_z, tile_log_z)  # the running lse over the tiles seen
+            logits = buffers.logits(h_mm, w_mm[tile])
+            new_max = torch.maximum(running_max, logits.amax(dim=1, keepdim=True))
+            running_sum *= torch.exp(running_max - new_max)
+            running_sum += logits.sub_(new_max).exp_().sum(dim=1, keepdim=True)
+            running_max = new_max
+        log_z = (running_max + running_sum.log()).squeeze(1)
         target_logit = (h_mm.to(acc) * w_mm[safe_targets].to(acc)).sum(dim=1)
         ctx.save_for_backward(h_mm, w_mm, safe_targets, row_factor, log_z)
         ctx.vocab_size, ctx.columns, ctx.input_dtypes = vocab_size, columns, (hidden.dtype, weight.dtype)
@@ -94,16 +126,17 @@ class _TiledLinearCrossEntropy(torch.autograd.Function):
         sign = grad_loss.sign().to(h_mm.dtype)
         shift = (log_z - row_factor.log())[:, None]
         signed_hidden = h_mm * sign
+        buffers = _TileBuffers(len(targets), ctx.columns, h_mm.dtype, log_z.dtype, h_mm.device)
         grad_hidden = torch.zeros(h_mm.shape, dtype=log_z.dtype, device=h_mm.device)
         grad_weight = torch.zeros(w_mm.shape, dtype=ctx.input_dtypes[1], device=w_mm.device)
         for tile in _tiles(ctx.vocab_size, ctx.columns):
-            logits = (h_mm @ w_mm[tile].t()).to(log_z.dtype)
-            grad_logits = torch.exp(logits.sub_(shift), out=torch.empty_like(logits, dtype=h_mm.dtype))
+            w_tile = w_mm[tile]
+            grad_logits = buffers.in_mm_dtype(buffers.logits(h_mm, w_tile).sub_(shift).exp_())
             # - onehot(t) * f, for the rows whose target falls in this tile
             hit = (targets >= tile.start) & (targets < tile.stop)
             column = (targets - tile.start).clamp(0, tile.stop - tile.start - 1)[:, None]
             grad_logits.scatter_add_(1, column, -(row_factor * hit).to(h_mm.dtype)[:, None])
-            grad_hidden += grad_logits @ w_mm[tile]
+            grad_hidden += grad_logits @ w_tile
             grad_weight[tile] = grad_logits.t() @ signed_hidden
         return (grad_hidden * sign).to(ctx.input_dtypes[0]), grad_weight, None, None, None
 
