@@ -5,9 +5,10 @@ differ: one with AMX or AVX-512 BF16 multiplies bf16 several times faster than f
 emulates it and is slower. So on a CPU `auto` times the model's own matmul shapes both ways (about a
 second) and trains in bf16 autocast, with fp32 master weights and fp32 softmax and sums, only where
 bf16 wins by BF16_MARGIN. Muon's Newton-Schulz iterations (small square matmuls) get their own
-verdict. The result is stored in the cache directory under a key of everything it depends on (CPU
-model and flags, torch version, threads, shapes), so later runs on the same machine pay nothing; an
-unreadable or foreign cache file is measured again and rewritten, never trusted and never fatal.
+verdict: torch's bf16, unless fp32 is faster by that margin (a CPU that emulates bf16). The result
+is stored in the cache directory under a key of everything it depends on (CPU model and flags, torch
+version, shapes), so later runs on the same machine pay nothing; an unreadable or foreign cache file
+is measured again and rewritten, never trusted and never fatal.
 """
 
 from __future__ import annotations
@@ -77,9 +78,20 @@ def newton_schulz_shapes(config: ModelConfig) -> list[tuple[int, int, int]]:
 def seconds_per_shape(shape_lists: list[list[tuple[int, int, int]]]) -> dict[torch.dtype, list[float]]:
     """Per dtype, the summed time of one matmul of each shape in each list, best of ROUNDS.
 
-    fp32 and bf16 take turns in every round, so a moment of contention (another process, a clock
-    change) slows one burst of each rather than one dtype's whole measurement.
+    What is compared is the core's instruction set (AMX, AVX-512 BF16 or neither), so the probe runs
+    on one thread and counts that thread's CPU time: a machine busy with other jobs then delays the
+    probe without skewing it. fp32 and bf16 also take turns in every round, so a moment of contention
+    for the caches slows one burst of each rather than one dtype's whole measurement.
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _best_times(shape_lists)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _best_times(shape_lists: list[list[tuple[int, int, int]]]) -> dict[torch.dtype, list[float]]:
     dtypes = (torch.float32, torch.bfloat16)
     operands = {d: [[(torch.randn(m, k).to(d), torch.randn(k, n).to(d)) for m, k, n in shapes]
                     for shapes in shape_lists] for d in dtypes}  # fmt: skip
@@ -90,13 +102,13 @@ def seconds_per_shape(shape_lists: list[list[tuple[int, int, int]]]) -> dict[tor
             a, b = operands[d][i][j]
             if round_ == 0:  # warm-up (kernel choice, packing), then calls for a burst of BURST_SECONDS
                 a @ b
-                started = time.perf_counter()
+                started = time.thread_time()
                 a @ b
-                calls[d, i, j] = max(1, round(BURST_SECONDS / max(time.perf_counter() - started, 1e-7)))
-            started = time.perf_counter()
+                calls[d, i, j] = max(1, round(BURST_SECONDS / max(time.thread_time() - started, 1e-7)))
+            started = time.thread_time()
             for _ in range(calls[d, i, j]):
                 a @ b
-            best[d][i][j] = min(best[d][i][j], (time.perf_counter() - started) / calls[d, i, j])
+            best[d][i][j] = min(best[d][i][j], (time.thread_time() - started) / calls[d, i, j])
     return {d: [sum(times) for times in best[d]] for d in dtypes}
 
 
@@ -110,18 +122,18 @@ def measure(config: ModelConfig, rows: int) -> Decision:
     speedup, ns_speedup = (fp32 / bf16 for fp32, bf16 in zip(*times.values(), strict=True))
     return Decision(
         dtype=torch.bfloat16 if speedup >= BF16_MARGIN else torch.float32,
-        ns_dtype=torch.bfloat16 if ns_speedup >= BF16_MARGIN else torch.float32,
+        # torch.optim.Muon's own choice, bf16, unless fp32 is faster by the margin here
+        ns_dtype=torch.float32 if ns_speedup * BF16_MARGIN <= 1 else torch.bfloat16,
         speedup=speedup,
         ns_speedup=ns_speedup,
     )
 
 
 def machine_key(config: ModelConfig, rows: int) -> str:
-    """A digest of everything a verdict depends on: CPU model and flags, torch, threads, shapes."""
+    """A digest of everything a verdict depends on: CPU model and flags, torch, shapes."""
     facts = {
         "cpu": cpu_description(),
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
         "shapes": model_shapes(config, rows) + newton_schulz_shapes(config),
     }
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:32]
