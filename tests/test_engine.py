@@ -260,5 +260,6 @@ def test_one_layer_rolling_cache_equals_recomputing_the_window():
 
 
 def test_gpt2_positions_still_recompute_the_window():
-    assert not ModelConfig().relative_positions and ModelConfig(arch="qwen3").relative_positions
+    assert not ModelConfig().architecture.relative_positions
+    assert ModelConfig(arch="qwen3").architecture.relative_positions
     assert not KVPool(ModelConfig(n_layer=1, n_embd=8, n_head=1, block_size=4), 1).rolling

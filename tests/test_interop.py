@@ -9,12 +9,14 @@ from conftest import smallgpt
 from safetensors.torch import load_file, save_file
 from test_model import SMALL, hf_gpt2
 
+from smallgpt.architectures import ARCHITECTURES
 from smallgpt.checkpoint import load_model, save_weights
 from smallgpt.config import ModelConfig
 from smallgpt.engine import Engine
 from smallgpt.errors import SmallGPTError
 from smallgpt.generate import SamplingParams
-from smallgpt.interop import EXPORT_FILES, export_to_hf, hf_config_from, import_from_hf, state_dict_to_hf
+from smallgpt.interop import EXPORT_FILES, export_to_hf, import_from_hf, mapping_for
+from smallgpt.interop_gpt2 import state_dict_to_hf
 from smallgpt.model import GPT
 from smallgpt.tokenizer import EOT_ID, encode
 
@@ -152,15 +154,19 @@ def test_greedy_text_of_export_equals_smallgpt_sample(tmp_path, cli):
     assert hf_ids[0, prompt_ids.shape[1] :].tolist() == ours[0].token_ids
 
 
-def test_export_refuses_what_gpt2_cannot_express():
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_export_refuses_what_no_mapping_can_express(arch):
+    """The guards are the same for every architecture: a config field no mapping was taught, and a
+    vocabulary other than the BPE every export ships."""
+
     @dataclasses.dataclass(frozen=True)
     class FutureConfig(ModelConfig):
         rotary_embeddings: bool = True
 
-    with pytest.raises(SmallGPTError, match="rotary_embeddings have no GPT-2 equivalent"):
-        hf_config_from(FutureConfig(**SMALL))
+    with pytest.raises(SmallGPTError, match="rotary_embeddings have no Hugging Face equivalent"):
+        mapping_for(FutureConfig(**{**SMALL, "arch": arch}))
     with pytest.raises(SmallGPTError, match="vocab_size 1000"):
-        hf_config_from(ModelConfig(**{**SMALL, "vocab_size": 1000}))
+        mapping_for(ModelConfig(**{**SMALL, "arch": arch, "vocab_size": 1000}))
 
 
 def edited_copy(source, target, config_changes=None, drop_weight=None) -> None:
@@ -202,7 +208,7 @@ def bad_inputs(tmp_path_factory):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["import", "llama"], "not a GPT-2 or Qwen3 model: config.json has model_type 'llama'"),
+        (["import", "llama"], "config.json has model_type 'llama'; SmallGPT imports gpt2, qwen3"),
         (
             ["import", "wider"],
             "shape mismatch: transformer.wte.weight is (50257, 64) but config.json implies (50257, 128)",
@@ -249,7 +255,7 @@ def test_refusal_in_a_real_process_has_no_traceback(bad_inputs, tmp_path):
     result = smallgpt("import", str(bad_inputs / "llama"), "--out", str(tmp_path / "run"))
     assert result.returncode == 1
     assert (
-        result.stderr.startswith("error: not a GPT-2 or Qwen3 model") and len(result.stderr.splitlines()) == 1
+        result.stderr.startswith("error: config.json has model_type") and len(result.stderr.splitlines()) == 1
     )
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from smallgpt.config import ModelConfig, get_preset
-from smallgpt.interop import state_dict_from_hf
+from smallgpt.interop_gpt2 import state_dict_from_hf
 from smallgpt.loss import linear_cross_entropy
 from smallgpt.model import GPT
 

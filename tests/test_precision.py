@@ -13,6 +13,7 @@ from rich.console import Console
 from training_helpers import MODERN_SETTINGS, tiny_run, write_data
 
 from smallgpt import precision
+from smallgpt.checkpoint import RunStart
 from smallgpt.config import PRESETS
 from smallgpt.distributed import Runtime
 from smallgpt.errors import SmallGPTError
@@ -228,7 +229,7 @@ def test_resuming_in_another_precision_continues_and_says_so(tmp_path, first, th
     train(tiny_run(max_iters=4, eval_interval=2, final_eval_tokens=0, dtype=first), data, out)
     console = Console(record=True, width=200)
     run = tiny_run(max_iters=6, eval_interval=2, final_eval_tokens=0, dtype=then)
-    result = train(run, data, out, resume=True, console=console)
+    result = train(run, data, out, start=RunStart.resume(out), console=console)
     assert result.step == 6 and not result.interrupted
     assert (
         f"precision: the checkpoint trained in {first}, this run continues in {then}" in console.export_text()

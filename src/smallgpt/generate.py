@@ -214,13 +214,8 @@ def quantize_int8(model: GPT) -> GPT:
     if next(model.parameters()).device.type != "cpu":
         raise SmallGPTError("int8 weights are for CPU generation; on a GPU use the fp32/bf16 model")
     quantized = copy.deepcopy(model).eval()
-    for block in quantized.transformer.h:
-        for layer, name in [
-            (block.attn, "c_attn"),
-            (block.attn, "c_proj"),
-            (block.mlp, "c_fc"),
-            (block.mlp, "c_proj"),
-        ]:
-            setattr(layer, name, Int8Linear(getattr(layer, name)))
-    quantized.lm_head = Int8Linear(quantized.lm_head)  # unties it: lookups keep the fp32 embedding
-    return quantized
+    linears = [(name, m) for name, m in quantized.named_modules() if isinstance(m, nn.Linear)]
+    for name, linear in linears:  # every matmul weight, whatever the architecture's layers are called
+        parent, _, attr = name.rpartition(".")
+        setattr(quantized.get_submodule(parent), attr, Int8Linear(linear))
+    return quantized  # a tied head is untied: lookups keep the fp32 embedding

@@ -1,17 +1,16 @@
-"""Hugging Face interop: GPT-2's exact weight mapping, and export / import of whole model directories.
+"""Hugging Face interop: export / import of whole model directories, for every architecture.
 
-The two models are the same architecture with the same parameter names (SmallGPT's live under the
-same `transformer.*` prefix). The differences are bookkeeping:
-  - GPT-2 uses `Conv1D` layers whose weight is stored (in, out); our `nn.Linear` stores (out, in).
-  - SmallGPT may pad the vocabulary rows of the embedding; GPT-2 has exactly `vocab_size` rows.
-  - GPT-2 checkpoints carry non-parameter buffers (`attn.bias` causal masks) that we do not need.
+Each architecture's exact mapping (config fields, parameter names, layouts) is a module of the same
+few functions, picked by the architecture's `hf_model_type`: `smallgpt.interop_gpt2` for
+`GPT2LMHeadModel`, `smallgpt.interop_qwen3` for `Qwen3ForCausalLM`. This module holds what they share:
+the guard against config fields no mapping knows, the vocabulary check, the name and shape check of
+imported weights, the tokenizer files, and the output directory's handling.
 
 `export_to_hf` writes the directory `transformers` loads with `from_pretrained` (config, weights,
 generation config, tokenizer); `import_from_hf` reads such a directory into a SmallGPT checkpoint.
 Neither needs `transformers` itself: the files are plain JSON and safetensors. An option one side
 cannot express is refused with a reason, never silently dropped, so a converted model computes
-exactly what the original did. Models of `arch="qwen3"` travel as `Qwen3ForCausalLM` through the same
-two functions; their mapping lives in `smallgpt.interop_qwen3`.
+exactly what the original did.
 """
 
 from __future__ import annotations
@@ -24,43 +23,21 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from smallgpt import interop_qwen3 as qwen3
-from smallgpt.checkpoint import WEIGHTS_NAME, load_model, read_model_config, save_weights
+from smallgpt import interop_gpt2, interop_qwen3
+from smallgpt.checkpoint import WEIGHTS_NAME, is_smallgpt_checkpoint, load_model, save_weights
 from smallgpt.config import GPT2_VOCAB_SIZE, ModelConfig
 from smallgpt.errors import SmallGPTError, first_line
 from smallgpt.files import atomic_write_file, make_dir
 from smallgpt.model import GPT
 from smallgpt.tokenizer import EOT_ID, EOT_TOKEN, verified_bytes
 
-# Weights stored transposed by GPT-2's Conv1D layers.
-CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-# Causal-mask buffers some GPT-2 files carry; they are constants, not weights.
-MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
+# Hugging Face `model_type` -> the module that maps it (`Architecture.hf_model_type` names the key).
+MAPPINGS = {mapping.ARCH.hf_model_type: mapping for mapping in (interop_gpt2, interop_qwen3)}
 
-# GPT-2 options that SmallGPT's architecture fixes: written on export, required on import. Each value
-# is also GPT2Config's default, so an option missing from a config.json means the same thing.
-GPT2_FIXED_OPTIONS = {
-    "activation_function": "gelu_new",  # GELU, tanh approximation
-    "n_inner": None,  # MLP width 4 * n_embd
-    "layer_norm_epsilon": 1e-5,
-    "scale_attn_weights": True,  # attention scores divided by sqrt(head_dim)
-    "scale_attn_by_inverse_layer_idx": False,
-    "add_cross_attention": False,
-    "tie_word_embeddings": True,  # the output head is the token embedding
-}
-# The ModelConfig fields export knows how to express. A field added to ModelConfig later must be
-# taught here; until then checkpoints are refused rather than exported as something they are not.
-EXPORTABLE_FIELDS = {
-    "vocab_size",
-    "block_size",
-    "n_layer",
-    "n_head",
-    "n_embd",
-    "dropout",
-    "bias",
-    "vocab_multiple",
-    "arch",
-}
+# The ModelConfig fields the mappings know how to express. A field added to ModelConfig later must be
+# taught to every mapping; until then checkpoints are refused rather than exported as something they are not.
+EXPORTABLE_FIELDS = {"vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "bias",
+                     "vocab_multiple", "arch"}  # fmt: skip
 
 SPECIAL_TOKENS = {"bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN}
 # Hugging Face tokenizer file -> the packaged GPT-2 BPE file with the same content.
@@ -79,118 +56,36 @@ EXPORT_FILES = (
 )  # fmt: skip
 
 
-# --- the mapping -------------------------------------------------------------------------------------
+# --- what every mapping shares ------------------------------------------------------------------
 
 
-def config_from_hf(hf_config: dict, vocab_multiple: int = 64) -> ModelConfig:
-    """A SmallGPT config for a GPT-2 `config.json` (as a dict); refuses GPT-2 variants we cannot run."""
-    model_type = hf_config.get("model_type")
-    if model_type != "gpt2":
-        raise SmallGPTError(f"not a GPT-2 or Qwen3 model: config.json has model_type {model_type!r}")
-    defaults = {
-        "vocab_size": GPT2_VOCAB_SIZE,
-        "n_positions": 1024,
-        "n_layer": 12,
-        "n_head": 12,
-        "n_embd": 768,
-    }
-    shape = {key: hf_config.get(key, default) for key, default in defaults.items()}
-    for key, value in shape.items():
-        if type(value) is not int:
-            raise SmallGPTError(f"config.json has {key}={value!r}, expected a whole number")
-    for key, fixed in GPT2_FIXED_OPTIONS.items():
-        value = hf_config.get(key, fixed)
-        same = (
-            value == fixed
-            or (key == "activation_function" and value == "gelu_pytorch_tanh")  # the same function
-            or (key == "n_inner" and value == 4 * shape["n_embd"])
-        )
-        if not same:
-            raise SmallGPTError(
-                f"SmallGPT cannot run this GPT-2 variant: {key}={value!r} (it needs {fixed!r})"
-            )
-    if shape["vocab_size"] != GPT2_VOCAB_SIZE:
-        raise SmallGPTError(
-            f"vocab_size {shape['vocab_size']} is not GPT-2's {GPT2_VOCAB_SIZE}: our tokenizer would not fit"
-        )
-    return ModelConfig(
-        vocab_size=shape["vocab_size"],
-        block_size=shape["n_positions"],
-        n_layer=shape["n_layer"],
-        n_head=shape["n_head"],
-        n_embd=shape["n_embd"],
-        dropout=0.0,
-        vocab_multiple=vocab_multiple,
-    )
-
-
-def hf_config_from(config: ModelConfig) -> dict:
-    """The `config.json` of the `GPT2LMHeadModel` equal to `config`; refuses what GPT-2 cannot express."""
+def mapping_for(config: ModelConfig):
+    """The interop module of `config`'s architecture, once the config is known to be expressible."""
     unknown = sorted(set(config.to_dict()) - EXPORTABLE_FIELDS)
     if unknown:
         raise SmallGPTError(
-            f"cannot export to GPT-2: config field(s) {', '.join(unknown)} have no GPT-2 equivalent"
+            f"cannot export: config field(s) {', '.join(unknown)} have no Hugging Face equivalent yet"
         )
-    if config.arch != "gpt2":
-        raise SmallGPTError(f"cannot export to GPT-2: arch={config.arch!r} is another architecture")
-    if not config.bias:
+    _check_vocabulary(config.vocab_size, "cannot export: vocab_size")
+    return MAPPINGS[config.architecture.hf_model_type]
+
+
+def config_from_hf(hf_config: dict, vocab_multiple: int = 64) -> ModelConfig:
+    """A SmallGPT config for a Hugging Face `config.json` (as a dict) of any architecture we map."""
+    model_type = hf_config.get("model_type")
+    if model_type not in MAPPINGS:
         raise SmallGPTError(
-            "cannot export to GPT-2: bias=False, but GPT-2 has biases in every Linear and LayerNorm"
+            f"config.json has model_type {model_type!r}; SmallGPT imports {', '.join(MAPPINGS)}"
         )
-    if config.vocab_size != GPT2_VOCAB_SIZE:
-        raise SmallGPTError(
-            f"cannot export to GPT-2: vocab_size {config.vocab_size} is not its {GPT2_VOCAB_SIZE}-token BPE"
-        )
-    return {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": config.vocab_size,
-        "n_positions": config.block_size,
-        "n_embd": config.n_embd,
-        "n_layer": config.n_layer,
-        "n_head": config.n_head,
-        **GPT2_FIXED_OPTIONS,
-        # Our one dropout rate sits where GPT-2 has three: embeddings, attention weights, residuals.
-        "embd_pdrop": config.dropout,
-        "attn_pdrop": config.dropout,
-        "resid_pdrop": config.dropout,
-        "initializer_range": 0.02,
-        "bos_token_id": EOT_ID,
-        "eos_token_id": EOT_ID,
-        "use_cache": True,
-        "dtype": "float32",
-    }
+    config = MAPPINGS[model_type].config_from_hf(hf_config, vocab_multiple)
+    _check_vocabulary(config.vocab_size, "vocab_size")
+    return config
 
 
-def state_dict_from_hf(hf_state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Map a GPT-2 state dict onto SmallGPT parameter names, shapes and vocabulary padding."""
-    state = {}
-    for name, tensor in hf_state.items():
-        if name.endswith(MASK_BUFFERS) or name == "lm_head.weight":
-            continue  # the head is tied to wte
-        if name.endswith(CONV1D_SUFFIXES):
-            tensor = tensor.t()
-        state[name] = tensor.contiguous()
-    wte = state["transformer.wte.weight"]
-    padding = config.padded_vocab_size - wte.shape[0]
-    if padding:
-        state["transformer.wte.weight"] = torch.cat([wte, wte.new_zeros(padding, wte.shape[1])])
-    state["lm_head.weight"] = state["transformer.wte.weight"]
-    return state
-
-
-def state_dict_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Inverse of `state_dict_from_hf`: GPT-2 names, Conv1D layout, padding stripped, head untied."""
-    hf_state = {}
-    for name, tensor in state.items():
-        if name == "lm_head.weight":
-            continue
-        if name.endswith(CONV1D_SUFFIXES):
-            tensor = tensor.t()
-        hf_state[name] = tensor.contiguous()
-    hf_state["transformer.wte.weight"] = hf_state["transformer.wte.weight"][: config.vocab_size].contiguous()
-    hf_state["lm_head.weight"] = hf_state["transformer.wte.weight"]
-    return hf_state
+def _check_vocabulary(vocab_size: int, what: str) -> None:
+    """Every format ships (and every import runs under) the packaged GPT-2 BPE: 50,257 tokens."""
+    if vocab_size != GPT2_VOCAB_SIZE:
+        raise SmallGPTError(f"{what} {vocab_size} is not the {GPT2_VOCAB_SIZE}-token GPT-2 BPE we ship")
 
 
 # --- export ------------------------------------------------------------------------------------------
@@ -199,15 +94,13 @@ def state_dict_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dic
 def export_to_hf(checkpoint: str | Path, out_dir: str | Path, *, force: bool = False) -> Path:
     """Write a SmallGPT checkpoint as a Hugging Face GPT-2 or Qwen3 directory: weights, configs, tokenizer."""
     out = _claim_output_dir(out_dir, force, EXPORT_FILES)
-    if (out / WEIGHTS_NAME).is_file() and _is_smallgpt_checkpoint(out / WEIGHTS_NAME):
+    if (out / WEIGHTS_NAME).is_file() and is_smallgpt_checkpoint(out / WEIGHTS_NAME):
         raise SmallGPTError(f"--out {out} holds a SmallGPT checkpoint, which export would overwrite")
     model = load_model(checkpoint)
-    if model.config.arch == "qwen3":
-        hf_config = qwen3.hf_config_from(model.config)
-        hf_state = qwen3.state_dict_to_hf(model.state_dict(), model.config)
-    else:
-        hf_config = hf_config_from(model.config)
-        hf_state = state_dict_to_hf(model.state_dict(), model.config)
+    mapping = mapping_for(model.config)
+    hf_config = mapping.hf_config_from(model.config)
+    hf_state = mapping.state_dict_to_hf(model.state_dict(), model.config)
+    if model.config.architecture.tied_head:
         # Stored once, as transformers' own save_pretrained does: tie_word_embeddings re-ties it on load.
         del hf_state["lm_head.weight"]
     tokenizer_config = {
@@ -242,13 +135,9 @@ def import_from_hf(hf_dir: str | Path, out_dir: str | Path, *, force: bool = Fal
     config_file = hf_dir / "config.json"
     if not config_file.is_file():
         raise SmallGPTError(f"no config.json in {hf_dir} (not a Hugging Face model directory)")
-    hf_config = _read_json(config_file)
-    if hf_config.get("model_type") == "qwen3":
-        config = qwen3.config_from_hf(hf_config)
-        state = qwen3.state_dict_from_hf(_checked_hf_state(read_hf_weights(hf_dir), config), config)
-    else:
-        config = config_from_hf(hf_config)
-        state = state_dict_from_hf(_checked_hf_state(read_hf_weights(hf_dir), config), config)
+    config = config_from_hf(_read_json(config_file))
+    mapping = MAPPINGS[config.architecture.hf_model_type]
+    state = mapping.state_dict_from_hf(_checked_hf_state(read_hf_weights(hf_dir), config), config)
     model = GPT(config)
     model.load_state_dict(state)  # casts fp16/bf16 files to fp32
     _write_outputs(out, {WEIGHTS_NAME: lambda path: save_weights(model, path)})
@@ -314,22 +203,17 @@ def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
 def _checked_hf_state(hf_state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """The Hugging Face weights, checked against the names and shapes `config` implies.
 
-    GPT-2: OpenAI's `gpt2` files were saved from the bare `GPT2Model`, so their names lack the
-    `transformer.` prefix; `transformers` adds it on load and so do we. The tied head may be absent.
+    A tied head may be absent from the file (transformers re-ties it); if present it must equal the
+    embedding, since a model that ties the two cannot run one that does not.
     """
-    to_hf = qwen3.state_dict_to_hf if config.arch == "qwen3" else state_dict_to_hf
+    mapping = MAPPINGS[config.architecture.hf_model_type]
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-        expected = {name: t.shape for name, t in to_hf(GPT(config).state_dict(), config).items()}
-    state, head = dict(hf_state), None
-    if config.tied_head:
+        expected = {
+            name: t.shape for name, t in mapping.state_dict_to_hf(GPT(config).state_dict(), config).items()
+        }
+    state, head = mapping.canonical_hf_state(hf_state), None
+    if config.architecture.tied_head:
         del expected["lm_head.weight"]
-        state = {}
-        for name, tensor in hf_state.items():
-            if name.endswith(MASK_BUFFERS):
-                continue
-            if name != "lm_head.weight" and not name.startswith("transformer."):
-                name = f"transformer.{name}"
-            state[name] = tensor
         head = state.pop("lm_head.weight", None)
     missing = [name for name in expected if name not in state]
     if missing:
@@ -371,14 +255,6 @@ def _claim_output_dir(out_dir: str | Path, force: bool, names: tuple[str, ...]) 
     if in_the_way:
         raise SmallGPTError(f"cannot write {out / in_the_way[0]}: a directory of that name is in the way")
     return out
-
-
-def _is_smallgpt_checkpoint(path: Path) -> bool:
-    try:
-        read_model_config(path)
-    except SmallGPTError:
-        return False
-    return True
 
 
 def _write_outputs(out: Path, writers: dict) -> None:

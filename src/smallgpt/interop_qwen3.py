@@ -7,8 +7,7 @@ The layouts are the same (see `smallgpt.model`); the differences are names and b
     `vocab_size` rows, so no tool can ever sample a padding id.
   - Qwen3 can express more than we run (grouped-query attention, a head_dim unrelated to the width,
     a tied head, sliding windows...). Import refuses such variants with the option that differs.
-The files themselves (directory claiming, weight files, tokenizer) are shared with GPT-2 in
-`smallgpt.interop`, which calls the functions here for models whose arch is "qwen3".
+Files, guards and vocabulary checks are shared with the other formats in `smallgpt.interop`.
 """
 
 from __future__ import annotations
@@ -17,10 +16,12 @@ import re
 
 import torch
 
-from smallgpt.config import GPT2_VOCAB_SIZE, ModelConfig
+from smallgpt.architectures import ARCHITECTURES
+from smallgpt.config import ModelConfig
 from smallgpt.errors import SmallGPTError
-from smallgpt.model import RMS_NORM_EPS, ROPE_THETA
 from smallgpt.tokenizer import EOT_ID
+
+ARCH = ARCHITECTURES["qwen3"]
 
 # Per-layer parameter names: ours (under transformer.h.N.) -> Qwen3's (under model.layers.N.).
 LAYER_NAMES = {
@@ -47,7 +48,7 @@ VOCAB_NAMES = ("transformer.wte.weight", "lm_head.weight")  # the rows padding a
 # requires it, reading a missing option as the default.
 FIXED_OPTIONS = {
     "hidden_act": ("silu", "silu"),
-    "rms_norm_eps": (RMS_NORM_EPS, RMS_NORM_EPS),
+    "rms_norm_eps": (ARCH.norm_eps, 1e-6),
     "attention_bias": (False, False),
     "tie_word_embeddings": (False, False),
     "use_sliding_window": (False, False),
@@ -65,14 +66,9 @@ def hf_config_from(config: ModelConfig) -> dict:
     """The `config.json` of the `Qwen3ForCausalLM` equal to `config`; refuses what it cannot express."""
     if config.bias:
         raise SmallGPTError("cannot export to Qwen3: bias=True, but Qwen3's MLP and norms have no biases")
-    if config.vocab_size != GPT2_VOCAB_SIZE:
-        raise SmallGPTError(
-            f"cannot export to Qwen3: vocab_size {config.vocab_size} is not the {GPT2_VOCAB_SIZE}-token "
-            "GPT-2 BPE the export ships"
-        )
     return {
         "architectures": ["Qwen3ForCausalLM"],
-        "model_type": "qwen3",
+        "model_type": ARCH.hf_model_type,
         "vocab_size": config.vocab_size,
         "max_position_embeddings": config.block_size,
         "hidden_size": config.n_embd,
@@ -82,7 +78,7 @@ def hf_config_from(config: ModelConfig) -> dict:
         "num_key_value_heads": config.n_head,  # every head has its own keys and values
         "head_dim": config.head_dim,
         **{key: ours for key, (ours, _) in FIXED_OPTIONS.items()},
-        "rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA},
+        "rope_parameters": {"rope_type": "default", "rope_theta": ARCH.rope_theta},
         "attention_dropout": 0.0,  # dropout only acts in training; inference is the same either way
         "initializer_range": 0.02,
         "bos_token_id": EOT_ID,
@@ -112,7 +108,7 @@ def config_from_hf(hf_config: dict, vocab_multiple: int = 64) -> ModelConfig:
         dropout=0.0,
         bias=False,
         vocab_multiple=vocab_multiple,
-        arch="qwen3",
+        arch=ARCH.name,
     )
     # rope_theta sits in `rope_parameters` (transformers 5) or at top level (older files).
     options = {**hf_config, **(hf_config.get("rope_parameters") or {})}
@@ -120,7 +116,7 @@ def config_from_hf(hf_config: dict, vocab_multiple: int = 64) -> ModelConfig:
         "head_dim": (width // heads, width // heads),
         "num_key_value_heads": (heads, heads),
         "intermediate_size": (config.ffn_hidden, None),
-        "rope_theta": (ROPE_THETA, ROPE_THETA),
+        "rope_theta": (ARCH.rope_theta, ARCH.rope_theta),
         "rope_type": ("default", "default"),
         **FIXED_OPTIONS,
     }
@@ -130,10 +126,6 @@ def config_from_hf(hf_config: dict, vocab_multiple: int = 64) -> ModelConfig:
             raise SmallGPTError(
                 f"SmallGPT cannot run this Qwen3 variant: {key}={value!r} (it needs {ours!r})"
             )
-    if shape["vocab_size"] != GPT2_VOCAB_SIZE:
-        raise SmallGPTError(
-            f"vocab_size {shape['vocab_size']} is not GPT-2's {GPT2_VOCAB_SIZE}: our tokenizer would not fit"
-        )
     return config
 
 
@@ -154,6 +146,11 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor], config: ModelConfig) -
         padding = config.padded_vocab_size - tensor.shape[0] if name in VOCAB_NAMES else 0
         state[name] = torch.cat([tensor, tensor.new_zeros(padding, tensor.shape[1])]) if padding else tensor
     return state
+
+
+def canonical_hf_state(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Qwen3 files already use `Qwen3ForCausalLM`'s names: nothing to rename or drop."""
+    return dict(hf_state)
 
 
 def _names(config: ModelConfig) -> dict[str, str]:

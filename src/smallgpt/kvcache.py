@@ -12,7 +12,7 @@ a decode step always covers a prefix of the pool, which is what lets CUDA graphs
 batch size. This module is the only one that knows the cache's layout; the model sees just an object
 with one `attend(q, k, v)` per layer (see `GPT.forward_cached`).
 
-A rolling pool (models with rotary positions, `ModelConfig.relative_positions`) never fills: token t
+A rolling pool (models with rotary positions, `Architecture.relative_positions`) never fills: token t
 goes to slot t mod block_size, over the oldest, and keeps its true position t for its rotation. Once a
 row has block_size tokens every slot is attended, and since rotary scores depend only on the distance
 between two positions, a ring of the last block_size keys is all a sliding window needs.
@@ -35,7 +35,7 @@ class KVPool:
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
         self.slots = torch.arange(config.block_size, device=device)
-        self.rolling = config.relative_positions
+        self.rolling = config.architecture.relative_positions
 
     @property
     def rows(self) -> int:

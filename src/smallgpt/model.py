@@ -1,19 +1,16 @@
-"""Two decoder architectures on one skeleton, top to bottom: attention -> MLP -> block -> GPT.
+"""Decoder architectures on one skeleton, top to bottom: attention -> MLP -> block -> GPT.
 
     tokens (B, T)
-      -> token embedding (+ learned position embedding, GPT-2 only)      (B, T, C)
+      -> token embedding (+ learned position embedding, if positions are learned)   (B, T, C)
       -> n_layer x Block:  x = x + Attention(Norm(x))
                            x = x + MLP(Norm(x))          ("pre-norm" residual blocks)
       -> final Norm -> linear head -> logits (B, T, vocab)
 
-`config.arch` picks one of two standard layouts; they differ only in the places named for it:
-                 GPT-2 (2019, the seed's)              Qwen3 (the modern recipe's)
-  positions      learned embedding, added to input     rotary (RoPE): queries/keys rotated by position
-  Norm           LayerNorm                             RMSNorm, and per-head RMSNorm on q, k (QK-norm)
-  MLP            4x, GELU                              SwiGLU (gate * up, SiLU), ~8/3x
-  head           tied to the token embedding           its own matrix
-Parameter names follow Hugging Face's `GPT2LMHeadModel` (`transformer.h.0.attn.c_attn`, ...) for both;
-the interop modules rename them to `Qwen3ForCausalLM`'s on the way out. Our Linear layers store weights
+Where architectures differ (positions, norm, QK-norm, fused q|k|v, MLP, tied head, init), the layers
+read a feature of `config.architecture`, a row of `smallgpt.architectures.ARCHITECTURES` (GPT-2's and
+Qwen3's layouts today); no layer asks which architecture it is. Parameter names follow Hugging Face's
+`GPT2LMHeadModel` (`transformer.h.0.attn.c_attn`, ...) for every architecture; the interop modules
+rename them to `Qwen3ForCausalLM`'s on the way out. Our Linear layers store weights
 as (out, in); GPT-2's Conv1D stores (in, out), which interop transposes.
 
 Generation uses the same layers through `GPT.forward_cached`, which hands every layer's keys and values
@@ -32,15 +29,13 @@ import torch.nn.functional as F
 from smallgpt.config import ModelConfig
 from smallgpt.loss import linear_cross_entropy
 
-ROPE_THETA = 10_000.0  # RoPE base: the slowest pair turns once per ~2*pi*10^4 positions
-RMS_NORM_EPS = 1e-6  # Qwen3's
-
 
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:
-    """The normalisation layer: LayerNorm (GPT-2) or RMSNorm, which only rescales (Qwen3)."""
-    if config.arch == "qwen3":
-        return nn.RMSNorm(dim, eps=RMS_NORM_EPS)
-    return nn.LayerNorm(dim, bias=config.bias)
+    """The normalisation layer: LayerNorm, or RMSNorm, which only rescales (no mean, no bias)."""
+    arch = config.architecture
+    if arch.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=arch.norm_eps)
+    return nn.LayerNorm(dim, eps=arch.norm_eps, bias=config.bias)
 
 
 class Rotary(nn.Module):
@@ -50,9 +45,9 @@ class Rotary(nn.Module):
     sees only the distance between tokens. Frequencies f_i = theta^(-2i/D), as in Llama and Qwen.
     """
 
-    def __init__(self, head_dim: int):
+    def __init__(self, head_dim: int, theta: float):
         super().__init__()
-        inv_freq = ROPE_THETA ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # a constant, not a weight
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,26 +71,31 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = config.n_head
         self.dropout = config.dropout
-        # One matmul produces queries, keys and values for all heads at once (GPT-2). Qwen3 keeps
-        # three matrices: Muon orthogonalises each update matrix, and q, k, v are separate maps.
-        C = config.n_embd
-        self.fused_qkv = config.arch == "gpt2"
-        if not self.fused_qkv:
-            self.q_proj, self.k_proj, self.v_proj = (nn.Linear(C, C, bias=config.bias) for _ in range(3))
-            self.q_norm = nn.RMSNorm(config.head_dim, eps=RMS_NORM_EPS)
-            self.k_norm = nn.RMSNorm(config.head_dim, eps=RMS_NORM_EPS)
-        else:
+        # One matmul can produce queries, keys and values for all heads at once (GPT-2); three
+        # matrices suit Muon, which orthogonalises each update matrix: q, k, v are separate maps.
+        C, arch = config.n_embd, config.architecture
+        self.fused_qkv = arch.fused_qkv
+        if self.fused_qkv:
             self.c_attn = nn.Linear(C, 3 * C, bias=config.bias)
+        else:
+            self.q_proj, self.k_proj, self.v_proj = (nn.Linear(C, C, bias=config.bias) for _ in range(3))
+        self.qk_norm = arch.qk_norm
+        if self.qk_norm:
+            self.q_norm = nn.RMSNorm(config.head_dim, eps=arch.norm_eps)
+            self.k_norm = nn.RMSNorm(config.head_dim, eps=arch.norm_eps)
         self.c_proj = nn.Linear(C, C, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Queries, keys, values (B, T, n_head, head_dim); Qwen3 RMS-normalises each q and k head."""
+        """Queries, keys, values (B, T, n_head, head_dim); with QK-norm each q and k head RMS-normalised."""
         B, T, C = x.shape
         if self.fused_qkv:
-            return tuple(t.view(B, T, self.n_head, -1) for t in self.c_attn(x).split(C, dim=2))
-        q, k, v = (proj(x).view(B, T, self.n_head, -1) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        return self.q_norm(q), self.k_norm(k), v
+            q, k, v = (t.view(B, T, self.n_head, -1) for t in self.c_attn(x).split(C, dim=2))
+        else:
+            q, k, v = (p(x).view(B, T, self.n_head, -1) for p in (self.q_proj, self.k_proj, self.v_proj))
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache=None
@@ -118,7 +118,7 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GPT-2's position-wise feed-forward: expand 4x, GELU (tanh approximation), project back."""
+    """The position-wise feed-forward of GPT-2: expand 4x, GELU (tanh approximation), project back."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -132,7 +132,7 @@ class MLP(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """Qwen3's feed-forward: a SiLU-activated gate multiplies a second projection, then back to C.
+    """The gated feed-forward of Llama and Qwen: a SiLU gate multiplies a second projection, then back to C.
 
     Three matrices instead of two, so the hidden width is ~8/3 C for the parameters of a 4x MLP.
     """
@@ -148,6 +148,9 @@ class SwiGLU(nn.Module):
         return self.dropout(self.c_proj(F.silu(self.c_gate(x)) * self.c_fc(x)))
 
 
+MLPS = {"gelu": MLP, "swiglu": SwiGLU}  # Architecture.mlp -> the layer
+
+
 class Block(nn.Module):
     """One transformer layer. Normalising *before* each sub-layer keeps the residual path clean."""
 
@@ -156,7 +159,7 @@ class Block(nn.Module):
         self.ln_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = make_norm(config, config.n_embd)
-        self.mlp = SwiGLU(config) if config.arch == "qwen3" else MLP(config)
+        self.mlp = MLPS[config.architecture.mlp](config)
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache=None
@@ -172,8 +175,10 @@ class GPT(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        # GPT-2 learns a vector per position; Qwen3 rotates queries and keys instead (`Rotary`).
-        wpe = nn.Embedding(config.block_size, config.n_embd) if config.arch == "gpt2" else None
+        arch = config.architecture
+        # Positions enter as a learned vector each, or as rotations of queries and keys (`Rotary`).
+        learned = arch.positions == "learned"
+        wpe = nn.Embedding(config.block_size, config.n_embd) if learned else None
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
@@ -183,16 +188,16 @@ class GPT(nn.Module):
                 ln_f=make_norm(config, config.n_embd),
             )
         )
-        self.rotary = Rotary(config.head_dim) if config.arch == "qwen3" else None
+        self.rotary = None if learned else Rotary(config.head_dim, arch.rope_theta)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
-        if config.tied_head:
+        if arch.tied_head:
             # Weight tying: the head that scores tokens is the embedding that represents them.
             self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
         for name, param in self.named_parameters():
             if not name.endswith("c_proj.weight"):
                 continue
-            if config.arch == "qwen3":
+            if arch.zero_init_outputs:
                 # Layers that write into the residual stream start at zero: each block begins as the
                 # identity and grows into its role (as in modded-nanogpt); Muon's first update is full-rank.
                 nn.init.zeros_(param)
@@ -200,7 +205,7 @@ class GPT(nn.Module):
                 # GPT-2: scale their init by 1/sqrt(2 * n_layer), since each of the 2 * n_layer
                 # sub-layers adds to the residual stream and its variance would otherwise grow.
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        if not config.tied_head:
+        if arch.zero_init_outputs and not arch.tied_head:
             nn.init.zeros_(self.lm_head.weight)  # a uniform first guess; the head learns from there
 
     @staticmethod
@@ -211,10 +216,10 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def embed(self, idx: torch.Tensor, positions: torch.Tensor):
-        """Token vectors (B, T, C), and the rotary angles attention needs (None for GPT-2).
+        """Token vectors (B, T, C), and the rotary angles attention needs (None for learned positions).
 
-        Positions enter here and only here: added as learned vectors (GPT-2) or, for Qwen3, as
-        rotations of each layer's queries and keys.
+        Positions enter here and only here: added as learned vectors, or as rotations of each
+        layer's queries and keys.
         """
         x = self.transformer.wte(idx)
         if self.rotary is None:
@@ -269,7 +274,7 @@ class GPT(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         if non_embedding:
             total -= self.transformer.wte.weight.numel()
-            if not self.config.tied_head:
+            if not self.config.architecture.tied_head:
                 total -= self.lm_head.weight.numel()
         return total
 

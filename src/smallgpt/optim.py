@@ -17,15 +17,15 @@ Muon's peak rate is `muon_lr`, AdamW's `learning_rate`; the schedule scales both
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:  # recipe imports nothing from here at runtime; annotations only
+if TYPE_CHECKING:  # recipe.py imports this module's names at runtime, so these are annotations only
     from smallgpt.model import GPT
     from smallgpt.recipe import TrainConfig
 
-OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd")
 
 
@@ -128,21 +128,38 @@ def muon_parameters(model: GPT) -> list[torch.nn.Parameter]:
     return [p for p in model.transformer.h.parameters() if p.dim() == 2 and p.requires_grad]
 
 
+@dataclass(frozen=True)
+class Kernels:
+    """How this machine runs the optimizers: fused AdamW or not, and Muon's Newton-Schulz dtype."""
+
+    fused: bool | None
+    ns_dtype: torch.dtype
+
+
 def make_optimizer(
     model: GPT, cfg: TrainConfig, device: torch.device, ns_dtype: torch.dtype = torch.bfloat16
-) -> torch.optim.AdamW | Optimizers:
-    """The recipe's optimizer: AdamW, or Muon (Newton-Schulz in `ns_dtype`) + AdamW stepped as one."""
+) -> torch.optim.Optimizer | Optimizers:
+    """The recipe's optimizer (`TrainConfig.optimizer` names a row of `OPTIMIZERS`); Muon's
+    Newton-Schulz in `ns_dtype` (`smallgpt.precision` measures which one this machine runs faster)."""
     params = [p for p in model.parameters() if p.requires_grad]  # a tied head appears once
     # One fused AdamW kernel over all its parameters: on GPUs, and on CPUs (3x faster than the
     # loop-per-tensor version for smallgpt-10m here); MPS keeps the default.
     fused = True if device.type in ("cuda", "cpu") else None
+    return OPTIMIZERS[cfg.optimizer](model, params, cfg, Kernels(fused, ns_dtype))
+
+
+def _adamw(model: GPT, params: list, cfg: TrainConfig, kernels: Kernels) -> torch.optim.AdamW:
+    """The seed's: AdamW everywhere, weight decay on matrices (matmul weights, embeddings) only."""
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     betas = (cfg.beta1, cfg.beta2)
-    if cfg.optimizer == "adamw":
-        groups = [  # weight decay on matrices (matmul weights, embeddings), none on biases and norms
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, fused=kernels.fused)
+
+
+def _muon(model: GPT, params: list, cfg: TrainConfig, kernels: Kernels) -> Optimizers:
+    """The modern one: Muon for the blocks' matrices, AdamW for the rest, stepped as one."""
     matrices = muon_parameters(model)
     embedding = model.transformer.wte.weight
     taken = {id(p) for p in matrices} | {id(embedding)}
@@ -151,13 +168,19 @@ def make_optimizer(
     # whatever its shape: one learning rate fits the square attention and the wide MLP matrices.
     muon = Muon(
         matrices, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, ns_steps=cfg.muon_ns_steps,
-        adjust_lr_fn="match_rms_adamw", ns_dtype=ns_dtype,
+        adjust_lr_fn="match_rms_adamw", ns_dtype=kernels.ns_dtype,
     )  # fmt: skip
     # The embedding has a group of its own: each update touches only the rows of the tokens seen,
     # and (as in modded-nanogpt) those rows want a larger step than the head and the norm gains.
     groups = [{"params": [embedding], "role": "embedding"}, {"params": rest}]
-    adamw = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, weight_decay=0.0, fused=fused)
+    betas = (cfg.beta1, cfg.beta2)
+    adamw = torch.optim.AdamW(
+        groups, lr=cfg.learning_rate, betas=betas, weight_decay=0.0, fused=kernels.fused
+    )
     return Optimizers(muon, adamw)
+
+
+OPTIMIZERS = {"adamw": _adamw, "muon": _muon}  # TrainConfig.optimizer -> its builder
 
 
 def set_learning_rates(optimizer: torch.optim.Optimizer | Optimizers, cfg: TrainConfig, step: int) -> None:
