@@ -84,10 +84,6 @@ class Trainer:
                 f"= {per_update}"
             )
         self.accumulation = cfg.batch_size // per_update
-        # auto on a CPU: bf16 autocast where this CPU multiplies bf16 fast enough (smallgpt.precision)
-        rows = cfg.micro_batch_size * run.model.block_size
-        self.precision = resolve_precision(cfg.dtype, device, run.model, rows)
-        self.dtype = self.precision.dtype
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.train_tokens, self.val_tokens = training_data(
@@ -95,6 +91,10 @@ class Trainer:
         )
         self.data = data_identity(data_dir)
         check_memory(run.model, cfg.micro_batch_size, device)
+        # auto on a CPU: bf16 autocast where this CPU multiplies bf16 fast enough (smallgpt.precision)
+        rows = cfg.micro_batch_size * run.model.block_size
+        self.precision = resolve_precision(cfg.dtype, device, run.model, rows)
+        self.dtype = self.precision.dtype
         torch.manual_seed(cfg.seed)
         self.model = GPT(run.model).to(device)
         checkpoint_bytes = 16 * sum(p.numel() for p in self.model.parameters())  # weights + 2 moments
