@@ -22,7 +22,7 @@ COMMAND_OPTIONS = {
     "prepare": ["--out", "--val-fraction", "--seed", "--max-docs", "--force", "--quiet"],
     "model": ["--preset", "--json"],
     "train": ["--config", "--preset", "--data", "--out", "--resume", "--init-from", "--allow-different-data"],
-    "eval": ["--data", "--split", "--batch-size", "--json"],
+    "eval": ["--data", "--split", "--batch-size", "--dtype", "--json"],
     "plot": [],
     "sample": ["--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--int8"],
     "serve": ["--host", "--port", "--device"],

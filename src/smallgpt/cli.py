@@ -280,6 +280,9 @@ def eval_(
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
     text_field: Annotated[str, typer.Option(help="Field holding the text in .jsonl/.parquet.")] = "text",
     device: Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps.")] = "auto",
+    dtype: Annotated[
+        str, typer.Option(help="auto (what training picks here: measured on a CPU), float32, bfloat16.")
+    ] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Loss and perplexity of a checkpoint over every block of DATA, deterministically."""
@@ -289,15 +292,15 @@ def eval_(
     # On stderr, so that --json output stays clean; a log or a pipe gets a periodic line instead.
     with progress_display(err_console, enabled=err_console.is_terminal) as bar:
         result = evaluate_checkpoint(
-            checkpoint, data, split=split, batch_size=batch_size, device=device, text_field=text_field,
-            progress=PassProgress(bar, "evaluating"),
+            checkpoint, data, split=split, batch_size=batch_size, device=device, dtype=dtype,
+            text_field=text_field, progress=PassProgress(bar, "evaluating"),
         )  # fmt: skip
     if as_json:
         print(json.dumps(result))
         return
     console.print(
         f"{result['checkpoint']} on {result['data']}: {result['tokens']:,} tokens, "
-        f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}",
+        f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} ({result['dtype']})",
         highlight=False,
     )
 
