@@ -1,18 +1,13 @@
-"""Evaluation against a hand-written reference (logits + F.cross_entropy), determinism, and plots."""
+"""Evaluation against a hand-written reference (logits + F.cross_entropy), and its determinism. (`eval` of
+every architecture on a prepared split and on raw text, and `plot`: test_architectures.)"""
 
-import json
 import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from training_helpers import (
-    metrics,
-    smallgpt,
-    tiny_run,
-    write_data,
-)
+from training_helpers import write_data
 
 from smallgpt.checkpoint import save_weights
 from smallgpt.config import ModelConfig
@@ -20,8 +15,6 @@ from smallgpt.distributed import Runtime
 from smallgpt.evaluate import estimate_loss, evaluate_checkpoint
 from smallgpt.loader import load_split
 from smallgpt.model import GPT
-from smallgpt.tokenizer import EOT_ID, get_tokenizer
-from smallgpt.train import train
 
 CPU = Runtime(0, 0, 1, torch.device("cpu"))
 
@@ -57,24 +50,6 @@ def test_eval_on_a_prepared_split_matches_the_reference_and_repeats_exactly(tmp_
     assert first["perplexity"] == pytest.approx(math.exp(first["loss"]))
 
 
-def test_eval_on_a_raw_jsonl_file_through_the_cli(tmp_path):
-    documents = ["The quick brown fox jumps over the lazy dog. " * 5, "Call me Ishmael. " * 8, "  "]
-    corpus = tmp_path / "docs.jsonl"
-    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
-    model = saved_model(tmp_path / "m.safetensors", block_size=32)
-    encoding = get_tokenizer()  # the blank document is skipped, as `smallgpt prepare` skips it
-    tokens = np.array([t for d in documents[:2] for t in encoding.encode_ordinary(d) + [EOT_ID]])
-    result = smallgpt("eval", str(tmp_path / "m.safetensors"), "--data", str(corpus), "--json")
-    assert result.returncode == 0, result.stderr
-    reported = json.loads(result.stdout)
-    assert reported["tokens"] == (len(tokens) - 1) // 32 * 32
-    assert reported["loss"] == pytest.approx(reference_loss(model, tokens), abs=1e-5)
-
-    missing = smallgpt("eval", str(tmp_path / "m.safetensors"), "--data", str(tmp_path / "nope.txt"))
-    assert missing.returncode == 1 and missing.stderr.startswith("error: ")
-    assert len(missing.stderr.strip().splitlines()) == 1
-
-
 def test_validation_estimate_uses_the_same_batches_every_time(tmp_path):
     data = write_data(tmp_path / "data")
     model = saved_model(tmp_path / "m.safetensors", vocab_size=128, block_size=16)
@@ -82,16 +57,3 @@ def test_validation_estimate_uses_the_same_batches_every_time(tmp_path):
     losses = [estimate_loss(model, val, 4, 3, 1337, CPU, torch.float32) for _ in range(2)]
     assert losses[0] == losses[1]
     assert losses[0] != estimate_loss(model, val, 4, 3, 7, CPU, torch.float32)  # another seed, other windows
-
-
-def test_plot_command_redraws_the_loss_curve(tmp_path):
-    data = write_data(tmp_path / "data")
-    run = tmp_path / "run"
-    train(tiny_run(max_iters=10, eval_interval=5), data, run)
-    (run / "loss.png").unlink()
-    assert len(metrics(run, "eval")) == 2
-    result = smallgpt("plot", str(run))
-    assert result.returncode == 0, result.stderr
-    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    empty = smallgpt("plot", str(tmp_path / "data"))
-    assert empty.returncode == 1 and "no metrics.jsonl" in empty.stderr

@@ -13,7 +13,7 @@ from smallgpt.checkpoint import save_weights
 from smallgpt.config import ModelConfig
 from smallgpt.engine import Completion, Engine, Request
 from smallgpt.errors import SmallGPTError
-from smallgpt.generate import RowText, SamplingParams, inverse_cdf, quantize_int8, sample_next_token
+from smallgpt.generate import RowText, SamplingParams, inverse_cdf, sample_next_token
 from smallgpt.model import GPT
 from smallgpt.tokenizer import EOT_ID, decode, encode
 
@@ -268,21 +268,6 @@ def test_bad_sampling_params_are_refused(kwargs, message):
         SamplingParams(**kwargs)
 
 
-def test_int8_weights_keep_the_distribution_and_leave_the_model_alone():
-    model = small_model()
-    quantized = quantize_int8(model)
-    idx = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        exact, approx = model(idx).log_softmax(-1), quantized(idx).log_softmax(-1)
-    kl = (exact.exp() * (exact - approx)).sum(-1)
-    assert kl.max() < 0.01
-    assert (exact.argmax(-1) == approx.argmax(-1)).float().mean() >= 0.9
-    assert model.lm_head.weight is model.transformer.wte.weight  # the original is untouched
-    greedy = SamplingParams(40, temperature=0)  # 40 tokens: past the 32-token context too
-    [completion] = Engine(quantized).generate(["Hello"], greedy)
-    assert completion.token_ids == reference_generate(quantized, "Hello", greedy)
-
-
 def test_model_with_another_vocabulary_is_refused():
     with pytest.raises(SmallGPTError, match="incompatible checkpoint"):
         Engine(GPT(ModelConfig(vocab_size=1000, block_size=8, n_layer=1, n_head=1, n_embd=8)))
@@ -319,40 +304,14 @@ def test_sample_streams_the_prompt_and_its_greedy_continuation(checkpoint, tmp_p
     assert from_file.stdout == f"Hello{expected[: expected.index(stop)]}\n"
 
 
-def test_sample_batches_several_prompts_and_samples_like_the_engine(checkpoint):
-    prompts, params = ["Hello", "Once upon a time, in a land"], SamplingParams(20, seed=9, stop=("e",))
-    want = Engine(small_model(), max_batch=4).generate([p for p in prompts for _ in range(2)], params)
-    args = [
-        "sample",
-        str(checkpoint),
-        "--seed=9",
-        "--num-samples=2",
-        "--max-new-tokens=20",
-        "--stop=e",
-        "--temperature=1",
-    ]
-    result = smallgpt(*args, *(f"--prompt={p}" for p in prompts))
-    assert result.returncode == 0, result.stderr
-    shown = [p for p in prompts for _ in range(2)]
-    assert result.stdout.split("-" * 40 + "\n") == [
-        f"{p}{c.text}\n" for p, c in zip(shown, want, strict=True)
-    ]
-    assert [line.split("finish: ")[1] for line in result.stderr.splitlines()] == [
-        f"{c.finish_reason}]" for c in want
-    ]
-
-
-def test_sample_seeds_num_samples_empty_prompt_and_interactive(checkpoint):
+def test_sample_seeds_num_samples_and_empty_prompt(checkpoint):
+    """(Several prompts x --num-samples, --int8 and --interactive: test_architectures, every architecture.)"""
     args = ("sample", str(checkpoint), "--seed", "5", "--num-samples", "2", "--max-new-tokens", "8")
     first, second = smallgpt(*args), smallgpt(*args)
     assert first.returncode == 0 and first.stdout == second.stdout
     one, two = first.stdout.split("-" * 40 + "\n")
     assert one != two
     assert "starting from <|endoftext|>" in first.stderr
-    interactive = ("sample", str(checkpoint), "--interactive", "--max-new-tokens=5", "--int8")
-    session = smallgpt(*interactive, input="Hi\nHo\n")
-    assert session.returncode == 0 and session.stderr.count("[5 tokens,") == 2
-    assert "Hi" in session.stdout and "Ho" in session.stdout
 
 
 def test_sample_bad_input_gives_one_line_errors(checkpoint, tmp_path):
