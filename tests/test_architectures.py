@@ -203,6 +203,8 @@ def test_torchrun_with_two_processes_trains_what_one_process_does(trained, tmp_p
         torch.tensor(train_losses(ddp)), torch.tensor(train_losses(trained.run)), atol=1e-4, rtol=1e-4
     )
     assert_weights_close(final_weights(ddp), final_weights(trained.run))
+    final_ddp, final_single = metrics(ddp, "final")[0], metrics(trained.run, "final")[0]
+    assert final_ddp["val_loss"] == pytest.approx(final_single["val_loss"], abs=1e-4)  # split over ranks
 
     shutil.rmtree(ddp / "checkpoints" / "step-0000008")  # resume across world sizes
     with one_thread():

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -66,6 +67,15 @@ def resolve_weights(path: str | Path) -> Path:
         if candidate.is_file():
             return candidate
     raise SmallGPTError(f"no {WEIGHTS_NAME} in {path} (expected a run or checkpoint directory)")
+
+
+def is_smallgpt_checkpoint(path: str | Path) -> bool:
+    """Whether `path` (a weights file, a checkpoint or a run dir) holds SmallGPT weights."""
+    try:
+        read_model_config(resolve_weights(path))
+    except SmallGPTError:
+        return False
+    return True
 
 
 def read_model_config(weights: Path) -> ModelConfig:
@@ -245,6 +255,36 @@ def saved_best_loss(run_dir: Path) -> float:
     except (OSError, ValueError, KeyError, TypeError):
         return math.inf
     return loss if type(loss) is float else math.inf
+
+
+@dataclass(frozen=True)
+class RunStart:
+    """Where a run's weights and counters come from: nothing (a new run), the newest step checkpoint
+    of its run dir (`--resume`, read once here), or a weights file (`--init-from`).
+
+    `smallgpt.runs` decides which from the command line; `Trainer` applies it.
+    """
+
+    checkpoint: Path | None = None  # --resume: the step checkpoint continued...
+    state: dict | None = None  # ...its state.json (step, config, sampler, data, best loss)...
+    trainer_state: dict | None = None  # ...and its trainer.pt (optimizer, gradient scaler)
+    weights: Path | None = None  # --init-from: the weights file the new run starts from
+
+    @classmethod
+    def resume(cls, run_dir: str | Path) -> RunStart:
+        checkpoints = step_checkpoints(Path(run_dir))
+        if not checkpoints:
+            raise SmallGPTError(f"nothing to resume in {run_dir}: it has no checkpoints")
+        state, trainer_state = load_checkpoint(checkpoints[-1])
+        return cls(checkpoints[-1], state, trainer_state)
+
+    @classmethod
+    def init_from(cls, source: str | Path) -> RunStart:
+        return cls(weights=resolve_weights(source))
+
+    @property
+    def resumes(self) -> bool:
+        return self.checkpoint is not None
 
 
 def step_checkpoints(run_dir: Path) -> list[Path]:

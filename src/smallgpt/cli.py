@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from smallgpt import __version__
+from smallgpt.config import DEFAULT_PRESET, PRESETS
 from smallgpt.errors import SmallGPTError
 
 app = typer.Typer(
@@ -28,6 +29,7 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+PRESET_HELP = f"Model preset: {', '.join(PRESETS)} [default: {DEFAULT_PRESET}]."
 
 
 def _version(value: bool) -> None:
@@ -166,10 +168,7 @@ def model(
     ctx: typer.Context,
     preset: Annotated[
         Optional[str],
-        typer.Option(
-            help="Model preset: tiny, tiny-modern, smallgpt-10m, smallgpt-10m-modern, smallgpt-26m, "
-            "gpt2-124m [default: train's]."
-        ),
+        typer.Option(help=PRESET_HELP),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
@@ -227,9 +226,7 @@ def train(
     config: Annotated[Optional[str], typer.Option("--config", help="TOML file of settings.")] = None,
     preset: Annotated[
         Optional[str],
-        typer.Option(
-            help="tiny (default), tiny-modern, smallgpt-10m, smallgpt-10m-modern, smallgpt-26m, gpt2-124m."
-        ),
+        typer.Option(help=PRESET_HELP),
     ] = None,
     data: Annotated[
         Optional[str],
@@ -252,7 +249,7 @@ def train(
 ) -> None:
     """Train a model; any setting can follow as key=value or --key value (e.g. max_iters=2000).
 
-    With no arguments: the tiny-modern preset on the bundled corpus, ending with a generated sample.
+    With no arguments: the default preset (see --preset) on the bundled corpus, ending with a sample.
     Under `torchrun --nproc_per_node=N` the same command trains on N processes (DDP).
     """
     from smallgpt.runs import train_command
@@ -473,14 +470,10 @@ def _refuse_smallgpt_checkpoint(path: str) -> None:
     """`import` reads Hugging Face directories; a SmallGPT run or checkpoint needs no conversion."""
     from pathlib import Path
 
-    from smallgpt.checkpoint import read_model_config, resolve_weights
+    from smallgpt.checkpoint import is_smallgpt_checkpoint
 
-    if not Path(path).is_dir():
-        return  # a Hub model id, or a file (refused by the import itself)
-    try:
-        read_model_config(resolve_weights(path))
-    except SmallGPTError:
-        return  # not a SmallGPT checkpoint (or not a local path): a Hugging Face model, presumably
+    if not Path(path).is_dir() or not is_smallgpt_checkpoint(path):
+        return  # a Hub model id, a file (refused by the import itself), or a Hugging Face directory
     raise SmallGPTError(
         f"{path} is already a SmallGPT checkpoint; use it directly (smallgpt sample {path}, "
         f"smallgpt train --init-from {path}), or `smallgpt export` it for Hugging Face"

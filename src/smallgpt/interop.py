@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from smallgpt import interop_gpt2, interop_qwen3
-from smallgpt.checkpoint import WEIGHTS_NAME, load_model, read_model_config, save_weights
+from smallgpt.checkpoint import WEIGHTS_NAME, is_smallgpt_checkpoint, load_model, save_weights
 from smallgpt.config import GPT2_VOCAB_SIZE, ModelConfig
 from smallgpt.errors import SmallGPTError, first_line
 from smallgpt.files import atomic_write_file, make_dir
@@ -94,7 +94,7 @@ def _check_vocabulary(vocab_size: int, what: str) -> None:
 def export_to_hf(checkpoint: str | Path, out_dir: str | Path, *, force: bool = False) -> Path:
     """Write a SmallGPT checkpoint as a Hugging Face GPT-2 or Qwen3 directory: weights, configs, tokenizer."""
     out = _claim_output_dir(out_dir, force, EXPORT_FILES)
-    if (out / WEIGHTS_NAME).is_file() and _is_smallgpt_checkpoint(out / WEIGHTS_NAME):
+    if (out / WEIGHTS_NAME).is_file() and is_smallgpt_checkpoint(out / WEIGHTS_NAME):
         raise SmallGPTError(f"--out {out} holds a SmallGPT checkpoint, which export would overwrite")
     model = load_model(checkpoint)
     mapping = mapping_for(model.config)
@@ -255,14 +255,6 @@ def _claim_output_dir(out_dir: str | Path, force: bool, names: tuple[str, ...]) 
     if in_the_way:
         raise SmallGPTError(f"cannot write {out / in_the_way[0]}: a directory of that name is in the way")
     return out
-
-
-def _is_smallgpt_checkpoint(path: Path) -> bool:
-    try:
-        read_model_config(path)
-    except SmallGPTError:
-        return False
-    return True
 
 
 def _write_outputs(out: Path, writers: dict) -> None:

@@ -33,13 +33,12 @@ from smallgpt import distributed
 from smallgpt.checkpoint import (
     STATE_NAME,
     WEIGHTS_NAME,
+    RunStart,
     check_memory,
     check_run_dir,
-    load_checkpoint,
     load_weights_into,
     prune_checkpoints,
     read_model_config,
-    resolve_weights,
     save_checkpoint,
     save_weights,
     saved_best_loss,
@@ -60,6 +59,8 @@ from smallgpt.recipe import (
     require_same_shape,
 )
 
+NEW_RUN = RunStart()  # a run that starts from freshly initialised weights
+
 
 @dataclass
 class TrainResult:
@@ -72,8 +73,7 @@ class Trainer:
     """One process's share of a run: model, optimizer, data stream, and the loop over updates."""
 
     def __init__(self, run: RunConfig, data_dir: Path, out_dir: Path, runtime: Runtime, console: Console,
-                 *, resume: bool = False, init_from: str | Path | None = None,
-                 allow_different_data: bool = False) -> None:  # fmt: skip
+                 *, start: RunStart = NEW_RUN, allow_different_data: bool = False) -> None:  # fmt: skip
         self.run, self.cfg, self.rt, self.out_dir, self.console = run, run.train, runtime, out_dir, console
         cfg, device = self.cfg, runtime.device
         per_update = cfg.micro_batch_size * runtime.world_size
@@ -98,7 +98,7 @@ class Trainer:
             check_run_dir(out_dir, checkpoint_bytes)
             remove_temporaries(out_dir)  # and put back a best/ a kill left moved aside
             remove_temporaries(out_dir / "checkpoints")
-            if step_checkpoints(out_dir) and not resume:
+            if step_checkpoints(out_dir) and not start.resumes:
                 raise SmallGPTError(
                     f"{out_dir} already holds a run: continue it with --resume or pick another --out"
                 )
@@ -113,12 +113,11 @@ class Trainer:
         sampler = RandomBatches(self.train_tokens, block, micro, cfg.seed, rank, world)
         self.batches = DeviceBatches(sampler, device)
         self.step, self.best_val_loss = 0, math.inf
-        if resume:
-            self._resume(allow_different_data)
-        elif init_from is not None:
-            weights = resolve_weights(init_from)
-            require_same_shape(read_model_config(weights), run.model, weights)
-            load_weights_into(self.model, weights)
+        if start.resumes:
+            self._resume(start, allow_different_data)
+        elif start.weights is not None:
+            require_same_shape(read_model_config(start.weights), run.model, start.weights)
+            load_weights_into(self.model, start.weights)
         self.model.train()
         self.train_model = self.model
         if cfg.compile or (cfg.compile is None and device.type == "cuda"):
@@ -129,25 +128,22 @@ class Trainer:
         if runtime.is_main:
             atomic_write_text(out_dir / "config.json", json_dump(run.to_dict()))
 
-    def _resume(self, allow_different_data: bool) -> None:
-        checkpoints = step_checkpoints(self.out_dir)
-        if not checkpoints:
-            raise SmallGPTError(f"nothing to resume in {self.out_dir}: it has no checkpoints")
-        state, trainer_state = load_checkpoint(checkpoints[-1])
-        require_same_shape(RunConfig.from_dict(state["config"]).model, self.run.model, checkpoints[-1])
+    def _resume(self, start: RunStart, allow_different_data: bool) -> None:
+        checkpoint, state = start.checkpoint, start.state
+        require_same_shape(RunConfig.from_dict(state["config"]).model, self.run.model, checkpoint)
         recorded = state.get("data")
         if isinstance(recorded, dict) and not same_data(recorded, self.data) and not allow_different_data:
             raise SmallGPTError(
                 f"{self.out_dir} trained on {recorded.get('path')}, not on {self.data['path']} (other "
                 "tokenizer or token counts): to continue on other data anyway, add --allow-different-data"
             )
-        load_weights_into(self.model, checkpoints[-1] / WEIGHTS_NAME)
+        load_weights_into(self.model, checkpoint / WEIGHTS_NAME)
         try:
-            self.optimizer.load_state_dict(trainer_state["optimizer"])
-            self.scaler.load_state_dict(trainer_state["scaler"])
+            self.optimizer.load_state_dict(start.trainer_state["optimizer"])
+            self.scaler.load_state_dict(start.trainer_state["scaler"])
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:  # a damaged or foreign trainer.pt
             raise SmallGPTError(
-                f"checkpoint {checkpoints[-1]} has a damaged optimizer state ({first_line(exc)})"
+                f"checkpoint {checkpoint} has a damaged optimizer state ({first_line(exc)})"
             ) from None
         self.batches.load_state_dict(state["sampler"])
         self.step = state["step"]
@@ -157,7 +153,7 @@ class Trainer:
         self.best_val_loss = min(self.best_val_loss, saved_best_loss(self.out_dir))
         if self.rt.is_main:
             trim_metrics(self.out_dir, self.step)
-            self.console.print(f"resuming {checkpoints[-1]} at step {self.step}", highlight=False)
+            self.console.print(f"resuming {checkpoint} at step {self.step}", highlight=False)
 
     @property
     def tokens_per_update(self) -> int:
@@ -348,8 +344,7 @@ def train(
     data_dir: str | Path,
     out_dir: str | Path,
     *,
-    resume: bool = False,
-    init_from: str | Path | None = None,
+    start: RunStart = NEW_RUN,
     console: Console | None = None,
     allow_different_data: bool = False,
     fit_micro_batch: bool = False,
@@ -365,7 +360,7 @@ def train(
         if fit_micro_batch:
             run = micro_batch_for_world(run, runtime.world_size, console)
         trainer = Trainer(
-            run, Path(data_dir), Path(out_dir), runtime, console, resume=resume, init_from=init_from,
+            run, Path(data_dir), Path(out_dir), runtime, console, start=start,
             allow_different_data=allow_different_data,
         )  # fmt: skip
         result = trainer.fit()
