@@ -34,6 +34,7 @@ import pytest
 import torch
 from conftest import ONE_THREAD_ENV, REPO, write_data
 from rich.console import Console
+from test_engine import SlidingWindow
 from test_evaluate import reference_loss
 from test_serve import running_server
 from training_helpers import final_weights, metrics
@@ -254,8 +255,6 @@ def cache_free_logits(model, history: list[int], prompt_length: int) -> torch.Te
     KV cache as the engine's cache must behave past the context: learned positions see the last
     block_size tokens, recomputed; relative (rotary) positions attend over a sliding window of
     block_size keys, each computed when its token was new (see `smallgpt.engine` and test_engine)."""
-    from test_engine import SlidingWindow
-
     block = model.config.block_size
     with torch.no_grad():
         if not model.config.architecture.relative_positions:
