@@ -3,7 +3,7 @@
 Each test below runs once per architecture, and a new architecture joins the matrix by existing in that
 table (with a preset of its layout: the model's biases and the training recipe are that preset's, so
 GPT-2 trains with AdamW and Qwen3 with Muon, as users train them). Each architecture trains one tiny
-model once (the `trained` fixture: 2 layers, 32 wide, a 32-token context, 8 updates on conftest's
+model once (the `trained` fixture: 2 layers, 32 wide, a 32-token context, 60 updates on conftest's
 97-token stream, GPT-2's vocabulary so that it can generate text); every feature is checked on that run,
 against an independent reference where one exists:
 
@@ -34,6 +34,7 @@ import pytest
 import torch
 from conftest import ONE_THREAD_ENV, REPO, write_data
 from rich.console import Console
+from safetensors.torch import load_file
 from test_engine import SlidingWindow
 from test_evaluate import reference_loss
 from test_serve import running_server
@@ -42,24 +43,30 @@ from training_helpers import final_weights, metrics
 from smallgpt.architectures import ARCHITECTURES
 from smallgpt.checkpoint import load_model
 from smallgpt.config import PRESETS
-from smallgpt.engine import Engine
+from smallgpt.engine import Engine, Request
+from smallgpt.evaluate import evaluate_checkpoint
 from smallgpt.generate import SamplingParams, quantize_int8
 from smallgpt.loader import load_split
+from smallgpt.recipe import resolve_config
 from smallgpt.runs import train_command
 from smallgpt.serve import DEFAULT_MAX_BATCH
 from smallgpt.tokenizer import EOT_ID, decode, encode
 
 transformers = pytest.importorskip("transformers")
 
-# Tiny shapes and a few updates; the vocabulary stays GPT-2's (generation, export and serving need it).
+# Tiny shapes; the vocabulary stays GPT-2's (generation, export and serving need it). 60 updates teach
+# both layouts that each token follows the previous one by 1-3 (greedy text then depends on the context
+# and on positions). The torchrun and bf16 runs retrace only the first updates, which lr_decay_iters
+# keeps on the full run's learning rates.
 SHAPE = {"block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.0}
+UPDATES, PREFIX = 60, 20
 RECIPE = {
-    "max_iters": 8,
+    "max_iters": UPDATES,
+    "lr_decay_iters": UPDATES,
     "batch_size": 4,
     "micro_batch_size": 2,
     "learning_rate": 1e-2,
-    "warmup_iters": 2,
-    "eval_interval": 4,
+    "eval_interval": PREFIX,
     "eval_iters": 2,
     "log_interval": 1,
     "sample_tokens": 8,
@@ -128,30 +135,31 @@ def train_losses(run: Path) -> list[float]:
 
 def test_train_learns_and_writes_a_complete_run(trained):
     losses = train_losses(trained.run)
-    assert len(losses) == RECIPE["max_iters"]
+    assert len(losses) == UPDATES
     assert losses[0] == pytest.approx(np.log(50257), abs=0.1)  # starts at a uniform guess...
-    assert losses[-1] < losses[0] - 1.5  # ...and learns (the 97 tokens the data uses)
+    assert losses[-1] < np.log(97)  # ...and learns more than which 97 tokens the data uses
     assert [p.name for p in sorted((trained.run / "checkpoints").glob("step-*"))] == [
-        "step-0000004",
-        "step-0000008",
+        "step-0000020",
+        "step-0000040",
+        "step-0000060",
     ]
     assert (trained.run / "best" / "model.safetensors").is_file()
     assert json.loads((trained.run / "config.json").read_text())["model"]["arch"] == trained.arch
     assert trained.model().config.arch == trained.arch
     assert "sample (temperature 0.8, top-k 200)" in trained.printed  # training ends with a sample
-    assert metrics(trained.run, "final")[0]["val_loss"] < losses[0] - 1.5
+    assert metrics(trained.run, "final")[0]["val_loss"] < np.log(97)
 
 
 def test_resume_continues_the_step_count_and_the_loss(trained, tmp_path, cli):
-    """Killed after step 4's checkpoint (its step-8 one removed), the run resumes and computes the
-    uninterrupted run's steps 5-8 bit for bit."""
+    """Killed after step 40's checkpoint (the step-60 one removed), the run resumes and computes the
+    uninterrupted run's steps 41-60 bit for bit."""
     run = tmp_path / "run"
     shutil.copytree(trained.run, run)
-    shutil.rmtree(run / "checkpoints" / "step-0000008")
+    shutil.rmtree(run / "checkpoints" / "step-0000060")
     code, out, err = cli("train", "--resume", str(run))
     assert code == 0, err
-    assert "at step 4" in out
-    assert [r["step"] for r in metrics(run, "train")] == list(range(1, RECIPE["max_iters"] + 1))
+    assert "at step 40" in out
+    assert [r["step"] for r in metrics(run, "train")] == list(range(1, UPDATES + 1))
     assert train_losses(run) == train_losses(trained.run)
     expected, got = final_weights(trained.run), final_weights(run)
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
@@ -165,52 +173,56 @@ def test_init_from_starts_from_the_checkpoint_weights(trained, tmp_path, cli):
     )
     assert code == 0, err
     assert load_model(out / "checkpoints" / "step-0000002").config == trained.model().config
-    # Its first update's loss is the checkpoint's (8 updates in), far below a fresh model's ln(50257).
+    # Its first update's loss is the checkpoint's, far below a fresh model's ln(50257).
     trained_to = metrics(trained.run, "final")[0]["val_loss"]
-    assert train_losses(out)[0] == pytest.approx(trained_to, abs=0.3)
+    assert train_losses(out)[0] == pytest.approx(trained_to, abs=0.5)
 
 
 def test_bf16_autocast_training_tracks_fp32(trained, tmp_path):
-    """The same run under bf16 autocast on the CPU: the same losses to bf16's precision, and weights
-    within one update of fp32's on average (AdamW moves a weight by ~lr each step whatever its gradient's
-    size, so the few whose tiny gradients change sign in bf16 differ by a few lr; see test_precision)."""
-    out = tmp_path / "bf16"
+    """The warm-up's updates again under bf16 autocast on the CPU: each update's loss is fp32's to
+    bf16's precision (8 mantissa bits). Only the warm-up: later, GPT-2's recipe takes an update that
+    sends the loss far up and back (fp32 too), which magnifies any difference."""
+    out, console = tmp_path / "bf16", Console(file=io.StringIO(), width=200)
+    updates = resolve_config(preset_of(trained.arch)).train.warmup_iters
     with one_thread():
         train_command(
-            train_args(dtype="bfloat16", sample_tokens=0), preset=preset_of(trained.arch),
-            data=str(trained.data), out=str(out), console=Console(quiet=True),
+            train_args(max_iters=updates, eval_interval=updates, dtype="bfloat16", sample_tokens=0),
+            preset=preset_of(trained.arch), data=str(trained.data), out=str(out), console=console,
         )  # fmt: skip
-    assert train_losses(out) == pytest.approx(train_losses(trained.run), rel=1e-3)
-    fp32, bf16 = final_weights(trained.run), final_weights(out)
-    for name, tensor in fp32.items():
-        assert (bf16[name] - tensor).abs().mean() < RECIPE["learning_rate"], name
+    assert "device: cpu, bfloat16" in console.file.getvalue()
+    assert train_losses(out) == pytest.approx(train_losses(trained.run)[:updates], rel=1e-3)
 
 
 def test_torchrun_with_two_processes_trains_what_one_process_does(trained, tmp_path):
     """2 gloo processes, one micro-batch each, against the fixture's one process accumulating two:
-    the same samples per update and the gradients averaged, so the same losses and weights; then the
-    DDP run's step-4 checkpoint, resumed by one process, ends where the single-process run ended."""
+    the same samples per update and the gradients averaged, so the same losses and weights; the final
+    validation pass, split over the ranks, scores the whole split. Then the DDP run's step-10
+    checkpoint, resumed by one process, arrives where the single-process run did."""
     ddp = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     command += ["-m", "smallgpt", "train", "--preset", preset_of(trained.arch), "--data", str(trained.data)]
-    command += ["--out", str(ddp), *train_args(sample_tokens=0)]
+    command += ["--out", str(ddp), *train_args(max_iters=PREFIX, eval_interval=PREFIX // 2, sample_tokens=0)]
     result = subprocess.run(
         command, capture_output=True, text=True, cwd=REPO, env=ONE_THREAD_ENV, timeout=240
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout and result.stdout.count("budget:") == 1  # rank 0 speaks
     # Muon orthogonalises each update, amplifying rounding differences of the all-reduce (see test_train).
-    torch.testing.assert_close(
-        torch.tensor(train_losses(ddp)), torch.tensor(train_losses(trained.run)), atol=1e-4, rtol=1e-4
-    )
-    assert_weights_close(final_weights(ddp), final_weights(trained.run))
-    final_ddp, final_single = metrics(ddp, "final")[0], metrics(trained.run, "final")[0]
-    assert final_ddp["val_loss"] == pytest.approx(final_single["val_loss"], abs=1e-4)  # split over ranks
+    losses, single_losses = torch.tensor(train_losses(ddp)), torch.tensor(train_losses(trained.run))
+    torch.testing.assert_close(losses, single_losses[:PREFIX], atol=1e-4, rtol=1e-4)
+    single = checkpoint_weights(trained.run, PREFIX)
+    assert_weights_close(checkpoint_weights(ddp, PREFIX), single)
+    whole_split = evaluate_checkpoint(trained.run / "checkpoints" / f"step-{PREFIX:07d}", trained.data)
+    assert metrics(ddp, "final")[0]["val_loss"] == pytest.approx(whole_split["loss"], abs=1e-3)
 
-    shutil.rmtree(ddp / "checkpoints" / "step-0000008")  # resume across world sizes
+    shutil.rmtree(ddp / "checkpoints" / f"step-{PREFIX:07d}")  # resume across world sizes
     with one_thread():
         train_command([], resume=True, out=str(ddp), console=Console(quiet=True))
-    assert_weights_close(final_weights(ddp), final_weights(trained.run))
+    assert_weights_close(checkpoint_weights(ddp, PREFIX), single)
+
+
+def checkpoint_weights(run: Path, step: int) -> dict:
+    return load_file(run / "checkpoints" / f"step-{step:07d}" / "model.safetensors")
 
 
 def assert_weights_close(got: dict, expected: dict) -> None:
@@ -258,12 +270,8 @@ def cache_free_logits(model, history: list[int], prompt_length: int) -> torch.Te
     block = model.config.block_size
     with torch.no_grad():
         if not model.config.architecture.relative_positions:
-            return torch.stack(
-                [
-                    model(torch.tensor([history[:t][-block:]]))[0, -1]
-                    for t in range(prompt_length, len(history))
-                ]
-            )
+            windows = [history[:t][-block:] for t in range(prompt_length, len(history))]
+            return torch.stack([model(torch.tensor([window]))[0, -1] for window in windows])
         sequence = torch.tensor([history[:-1]])
         window = SlidingWindow(model.config.n_layer, block)
         logits = model.forward_cached(
@@ -318,15 +326,10 @@ def test_top_p_stop_strings_and_several_prompts_times_num_samples(trained, cli):
     assert stop.strip()
     params = SamplingParams(16, temperature=1, top_p=0.9, seed=9, stop=(stop,))
     want = Engine(model, max_batch=4).generate(shown, params)
-    args = [
-        "--seed=9",
-        "--num-samples=2",
-        "--max-new-tokens=16",
-        "--temperature=1",
-        "--top-p=0.9",
-        f"--stop={stop}",
-    ]
-    code, out, err = cli("sample", str(trained.run), *args, *(f"--prompt={p}" for p in prompts))
+    options = ["--seed=9", "--num-samples=2", "--max-new-tokens=16", "--temperature=1", "--top-p=0.9"]
+    code, out, err = cli(
+        "sample", str(trained.run), *options, f"--stop={stop}", *(f"--prompt={p}" for p in prompts)
+    )
     assert code == 0, err
     assert out.split(SEPARATOR) == [f"{p}{c.text}\n" for p, c in zip(shown, want, strict=True)]
     assert [line.split("finish: ")[1] for line in err.splitlines()] == [f"{c.finish_reason}]" for c in want]
@@ -334,14 +337,8 @@ def test_top_p_stop_strings_and_several_prompts_times_num_samples(trained, cli):
     assert all(stop not in c.text for c in want)
     # A vanishing nucleus holds only the most likely token: sampling it is greedy decoding.
     greedy = Engine(model).generate([PROMPTS[2]], SamplingParams(16, temperature=0))[0]
-    code, out, _ = cli(
-        "sample",
-        str(trained.run),
-        f"--prompt={PROMPTS[2]}",
-        "--top-p=1e-9",
-        "--temperature=1",
-        "--max-new-tokens=16",
-    )
+    options = ["--top-p=1e-9", "--temperature=1", "--max-new-tokens=16"]
+    code, out, _ = cli("sample", str(trained.run), f"--prompt={PROMPTS[2]}", *options)
     assert out == PROMPTS[2] + greedy.text + "\n"
 
 
@@ -405,16 +402,19 @@ def test_streamed_chunks_add_up_to_the_plain_completion(served):
     assert len(chunks) > 2 and "".join(chunks) == plain
 
 
-def test_served_logprobs_with_echo_score_every_token(served):
-    """A token-id prompt, echoed and scored, then 3 greedy tokens: every position gets the model's own
-    log-probability (the first has nothing to be predicted from) and its 2 most likely alternatives."""
+def test_served_logprobs_with_echo_score_every_token(served, trained):
+    """A token-id prompt (the data's own tokens), echoed and scored, then 3 greedy tokens: every
+    position gets the model's own log-probability (the first has nothing to be predicted from) and
+    its 2 most likely alternatives."""
     client, reference = served
-    text = "The quick brown fox jumps over the lazy dog"
-    ids = encode(text)
+    ids = [int(i) for i in load_split(trained.data, "val")[:12]]
     result = client.completions.create(
         model="run", prompt=ids, max_tokens=3, temperature=0, echo=True, logprobs=2
     )
-    history = ids + reference.generate([text], SamplingParams(3, temperature=0))[0].token_ids
+    sequence = reference.submit(Request(ids, SamplingParams(3, temperature=0)))
+    while not sequence.done:
+        reference.step()
+    history = ids + sequence.token_ids
     logprobs = result.choices[0].logprobs
     assert logprobs.tokens == [decode([i]) for i in history]
     assert len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == len(ids) + 3
