@@ -208,7 +208,8 @@ def save_checkpoint(directory: Path, model: GPT, trainer_state: dict, state: dic
 
     def write(tmp: Path) -> None:
         save_weights(model, tmp / WEIGHTS_NAME)
-        torch.save(trainer_state, tmp / TRAINER_NAME)
+        with open(tmp / TRAINER_NAME, "wb") as file:  # a Python file: a full disk surfaces as its OSError
+            torch.save(trainer_state, file)
         (tmp / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
 
     atomic_write_dir(directory, write)
@@ -292,8 +293,11 @@ def step_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in (run_dir / "checkpoints").glob("step-*") if p.is_dir())
 
 
-def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    """Delete all but the newest `keep` step checkpoints, and temporaries left by a killed run."""
-    for old in step_checkpoints(run_dir)[:-keep]:
+def prune_checkpoints(run_dir: Path, keep: int) -> bool:
+    """Delete all but the newest `keep` step checkpoints, and temporaries left by a killed run;
+    says whether there was a checkpoint to delete."""
+    pruned = step_checkpoints(run_dir)[:-keep]
+    for old in pruned:
         shutil.rmtree(old, ignore_errors=True)
     remove_temporaries(run_dir / "checkpoints")
+    return bool(pruned)

@@ -7,6 +7,7 @@ status 1 (`main` below); usage mistakes get typer's usage message and exit statu
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from typing import Annotated, Optional
@@ -17,7 +18,8 @@ from rich.table import Table
 
 from smallgpt import __version__
 from smallgpt.config import DEFAULT_PRESET, PRESETS
-from smallgpt.errors import SmallGPTError
+from smallgpt.errors import SmallGPTError, os_reason
+from smallgpt.files import os_error_behind
 
 app = typer.Typer(
     name="smallgpt",
@@ -485,8 +487,17 @@ def main() -> None:
     try:
         app()
     except SmallGPTError as exc:
-        err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(1)
+        _fail(str(exc))
+    except Exception as exc:  # a full or read-only disk where no module expected a write (a cache, ...)
+        error = os_error_behind(exc)
+        if error is None or error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        _fail(f"cannot write {error.filename or 'an output'}: {os_reason(error)}")
     except KeyboardInterrupt:
         err_console.print("interrupted", markup=False)
         sys.exit(130)
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    sys.exit(1)

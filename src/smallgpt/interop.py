@@ -27,7 +27,7 @@ from smallgpt import interop_gpt2, interop_qwen3
 from smallgpt.checkpoint import WEIGHTS_NAME, is_smallgpt_checkpoint, load_model, save_weights
 from smallgpt.config import GPT2_VOCAB_SIZE, ModelConfig
 from smallgpt.errors import SmallGPTError, first_line
-from smallgpt.files import atomic_write_file, make_dir
+from smallgpt.files import atomic_write_files, make_dir
 from smallgpt.model import GPT
 from smallgpt.tokenizer import EOT_ID, EOT_TOKEN, verified_bytes
 
@@ -258,10 +258,10 @@ def _claim_output_dir(out_dir: str | Path, force: bool, names: tuple[str, ...]) 
 
 
 def _write_outputs(out: Path, writers: dict) -> None:
-    """Create `out` and write each file via `writers[name](path)`, atomically, touching nothing else."""
+    """Create `out` and write each file via `writers[name](path)`, touching nothing else: all of them are
+    on disk before any replaces an old one, so a full disk leaves a previous export whole."""
     make_dir(out, "--out directory")
-    for name, write in writers.items():
-        atomic_write_file(out / name, write)
+    atomic_write_files(out, writers)
 
 
 def _read_json(path: Path) -> dict:

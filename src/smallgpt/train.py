@@ -17,7 +17,9 @@ The loop never waits for the device except at log/eval steps (`.item()`), so a G
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import math
 from contextlib import nullcontext
@@ -48,7 +50,7 @@ from smallgpt.config import GPT2_VOCAB_SIZE
 from smallgpt.distributed import Runtime, StopSignal, autocast, pick_dtype
 from smallgpt.errors import SmallGPTError, first_line
 from smallgpt.evaluate import estimate_loss, full_pass_loss, perplexity
-from smallgpt.files import atomic_write_dir, atomic_write_text, remove_temporaries
+from smallgpt.files import WriteError, atomic_write_dir, atomic_write_text, remove_temporaries
 from smallgpt.loader import DeviceBatches, RandomBatches, data_identity, load_split, same_data
 from smallgpt.model import GPT
 from smallgpt.monitor import RunMonitor, datasheet_peak, measure_matmul_peak, trim_metrics
@@ -126,7 +128,10 @@ class Trainer:
             ids = [device.index] if device.type == "cuda" else None
             self.train_model = torch.nn.parallel.DistributedDataParallel(self.train_model, device_ids=ids)
         if runtime.is_main:
-            atomic_write_text(out_dir / "config.json", json_dump(run.to_dict()))
+            try:
+                atomic_write_text(out_dir / "config.json", json_dump(run.to_dict()))
+            except WriteError as failure:
+                raise self._stopped_by(failure) from None
 
     def _resume(self, start: RunStart, allow_different_data: bool) -> None:
         checkpoint, state = start.checkpoint, start.state
@@ -223,6 +228,8 @@ class Trainer:
                     return TrainResult(self.step, None, interrupted=True)
             final = self._final_pass()
             return TrainResult(self.step, final, interrupted=False)
+        except WriteError as failure:
+            raise self._stopped_by(failure) from None
         finally:
             stop.restore()
             self.monitor.close()
@@ -264,15 +271,31 @@ class Trainer:
 
     def _check_finite(self, value: float, what: str) -> None:
         if not math.isfinite(value):
-            checkpoints = step_checkpoints(self.out_dir)
-            kept = (
-                f"the last good checkpoint is {checkpoints[-1]}"
-                if checkpoints
-                else "no checkpoint was written"
-            )
             raise SmallGPTError(
-                f"{what} became {value} at step {self.step}: stopped; {kept} (try a lower learning_rate)"
+                f"{what} became {value} at step {self.step}: stopped; {self._last_good()} "
+                "(try a lower learning_rate)"
             )
+
+    def _last_good(self) -> str:
+        newest = step_checkpoints(self.out_dir)[-1:]
+        return f"the last good checkpoint is {newest[0]}" if newest else "no checkpoint was written"
+
+    def _stopped_by(self, failure: WriteError) -> WriteError:
+        """A write that failed (full disk, read-only or deleted run dir) ends the run. The updates since
+        the last checkpoint are saved first unless that checkpoint was what failed; the one line then
+        says what could not be written and which checkpoint `--resume` continues from."""
+        checkpoints = self.out_dir / "checkpoints"
+        saved = self.step == 0 or (checkpoints / f"step-{self.step:07d}").is_dir()
+        if not saved and not failure.path.is_relative_to(checkpoints):
+            with contextlib.suppress(WriteError):
+                self._save()
+        resumable = step_checkpoints(self.out_dir)
+        then = f"continue with `smallgpt train --resume {self.out_dir}`" if resumable else "start it again"
+        return WriteError(
+            failure.path,
+            f"{failure}; stopped at step {self.step}, {self._last_good()} ({then} once {self.out_dir} "
+            "can be written)",
+        )
 
     def _evaluate_and_save(self) -> None:
         cfg = self.cfg
@@ -305,9 +328,16 @@ class Trainer:
             "data": self.data,
         }
         trainer_state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
-        save_checkpoint(
-            self.out_dir / "checkpoints" / f"step-{self.step:07d}", self.model, trainer_state, state
-        )
+        directory = self.out_dir / "checkpoints" / f"step-{self.step:07d}"
+        try:
+            save_checkpoint(directory, self.model, trainer_state, state)
+        except WriteError as failure:
+            # A full disk: make now the room the prune below makes after a save (the newest checkpoint
+            # is never touched) and try once more.
+            keep = max(self.cfg.keep_last - 1, 1)
+            if failure.errno != errno.ENOSPC or not prune_checkpoints(self.out_dir, keep):
+                raise
+            save_checkpoint(directory, self.model, trainer_state, state)
         prune_checkpoints(self.out_dir, self.cfg.keep_last)
 
 
