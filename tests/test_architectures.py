@@ -13,7 +13,8 @@ against an independent reference where one exists:
   plot                             the loss curve, redrawn from metrics.jsonl
   sample                           greedy past the context = a cache-free reference; int8 logits close to
                                    fp32; top-p, stop strings, prompts x --num-samples, --interactive
-  export / import                  transformers loads the export with our logits; import gives them back
+  export / import                  transformers loads the export with our logits; import gives them back;
+                                   the GGUF file reads back with our weights
   serve                            one live server: completion, streaming, logprobs + echo, token ids
   torchrun                         2 processes train what one process trains
   bf16 autocast (CPU)              training tracks fp32
@@ -370,8 +371,32 @@ def test_hugging_face_export_loads_in_transformers_and_imports_back_identically(
         assert torch.equal(load_model(back)(idx), logits)  # and the round trip is exact
 
 
-# GGUF (issue 20, item 5) joins the matrix here once `smallgpt export --format gguf` is on main: export
-# each architecture, load the file with transformers' GGUF reader, and compare greedy text with ours.
+def test_gguf_export_reads_back_with_our_weights(trained, tmp_path, cli):
+    """The file for llama.cpp, read by the `gguf` package's own reader. (transformers' GGUF loader
+    assumes shapes this tiny model lacks, and llama.cpp is opt-in: both are in test_gguf.)"""
+    gguf = pytest.importorskip("gguf")
+    command = [
+        "export",
+        str(trained.run),
+        "--format",
+        "gguf",
+        "--type",
+        "f32",
+        "--out",
+        str(tmp_path / "m.gguf"),
+    ]
+    code, _, err = cli(*command)
+    assert code == 0, err
+    model = trained.model()
+    config, name = model.config, model.config.architecture.gguf_arch
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    fields = {key: field.contents() for key, field in reader.fields.items()}
+    assert fields["general.architecture"] == name and fields[f"{name}.context_length"] == config.block_size
+    assert fields[f"{name}.block_count"] == config.n_layer and len(fields["tokenizer.ggml.tokens"]) == 50257
+    tensors = {tensor.name: tensor for tensor in reader.tensors}
+    assert len(tensors) == len(model.state_dict()) - config.architecture.tied_head
+    embedding = model.transformer.wte.weight[:50257].detach().numpy()
+    assert np.array_equal(np.asarray(tensors["token_embd.weight"].data).reshape(embedding.shape), embedding)
 
 
 # --- serving -------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ COMMAND_OPTIONS = {
     "plot": [],
     "sample": ["--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--int8"],
     "serve": ["--host", "--port", "--device"],
-    "export": ["--out", "--force"],
+    "export": ["--out", "--format", "--type", "--force"],
     "import": ["--out", "--force"],
 }
 

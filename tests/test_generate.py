@@ -7,13 +7,22 @@ import sys
 
 import pytest
 import torch
+import torch.nn as nn
 from conftest import ONE_THREAD_ENV, smallgpt
 
+from smallgpt.architectures import ARCHITECTURES
 from smallgpt.checkpoint import save_weights
 from smallgpt.config import ModelConfig
 from smallgpt.engine import Completion, Engine, Request
 from smallgpt.errors import SmallGPTError
-from smallgpt.generate import RowText, SamplingParams, inverse_cdf, sample_next_token
+from smallgpt.generate import (
+    Int8Linear,
+    RowText,
+    SamplingParams,
+    inverse_cdf,
+    quantize_int8,
+    sample_next_token,
+)
 from smallgpt.model import GPT
 from smallgpt.tokenizer import EOT_ID, decode, encode
 
@@ -27,12 +36,12 @@ def small_model(seed: int = 0, **overrides) -> GPT:
     model = GPT(ModelConfig(**{**SMALL.to_dict(), **overrides})).eval()
     # Larger weights than the init's: peaked logits that depend on the whole context and on positions,
     # so a cache, position or padding mistake changes the tokens (each such mutation fails a test here).
+    # Matrices an architecture starts at zero (the modern init's residual outputs and head) are drawn too.
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.startswith("transformer.h.") and param.dim() == 2:
-                param.mul_(5)
-        model.transformer.wte.weight.mul_(5)
-        model.transformer.wpe.weight.mul_(5)
+        for matrix in (param for param in model.parameters() if param.dim() == 2):
+            if not matrix.any():
+                torch.nn.init.normal_(matrix, std=0.02)
+            matrix.mul_(5)
     return model
 
 
@@ -266,6 +275,36 @@ def test_training_mode_is_restored_and_dropout_is_off_while_generating():
 def test_bad_sampling_params_are_refused(kwargs, message):
     with pytest.raises(SmallGPTError, match=message.replace("(", r"\(").replace(")", r"\)")):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_int8_weights_on_every_linear_keep_the_distribution_and_leave_the_model_alone(arch):
+    model = small_model(arch=arch)
+    linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    with torch.no_grad():  # biases start at zero: draw them, so that a dropped bias shows
+        for bias in (linear.bias for linear in linears.values() if linear.bias is not None):
+            bias.normal_(std=0.1)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    quantized = quantize_int8(model)
+    assert not [name for name, module in quantized.named_modules() if isinstance(module, nn.Linear)]
+    assert [name for name, module in quantized.named_modules() if isinstance(module, Int8Linear)] == list(
+        linears
+    )
+    idx = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exact, approx = model(idx), quantized(idx)
+    # Rounding each weight to 1/254 of its row's range moves a logit by ~1% of the logits' spread.
+    assert (approx - exact).abs().max() < 0.03 * (exact.max() - exact.min())
+    exact, approx = exact.log_softmax(-1), approx.log_softmax(-1)
+    kl = (exact.exp() * (exact - approx)).sum(-1)
+    assert kl.max() < 0.01
+    assert (exact.argmax(-1) == approx.argmax(-1)).float().mean() >= 0.9
+    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
+    if model.config.architecture.tied_head:  # the original keeps its tie
+        assert model.lm_head.weight is model.transformer.wte.weight
+    greedy = SamplingParams(30, temperature=0)  # "Hello" + 30 tokens fill the 32-token context
+    [completion] = Engine(quantized).generate(["Hello"], greedy)
+    assert completion.token_ids == reference_generate(quantized, "Hello", greedy)
 
 
 def test_model_with_another_vocabulary_is_refused():

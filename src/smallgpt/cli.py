@@ -441,10 +441,30 @@ def serve(
 @app.command()
 def export(
     checkpoint: Annotated[str, typer.Argument(help="Run dir, checkpoint dir or .safetensors file.")],
-    out: Annotated[str, typer.Option("--out", help="Hugging Face model directory to write.")],
+    out: Annotated[
+        str, typer.Option("--out", help="Model directory to write (with --format gguf: a .gguf file).")
+    ],
+    file_format: Annotated[
+        str, typer.Option("--format", help="hf: a Hugging Face directory; gguf: one file for llama.cpp.")
+    ] = "hf",
+    gguf_type: Annotated[
+        Optional[str], typer.Option("--type", help="GGUF weights: f16 (default), f32 or q8_0 (8-bit).")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it holds an export.")] = False,
 ) -> None:
-    """Write a checkpoint as a Hugging Face GPT-2 model directory (weights, config, tokenizer)."""
+    """Write a checkpoint as a Hugging Face model directory (weights, config, tokenizer) or a GGUF file."""
+    if file_format == "gguf":
+        from smallgpt.interop_gguf import DEFAULT_TYPE, export_to_gguf
+
+        export_to_gguf(checkpoint, out, type_name=gguf_type or DEFAULT_TYPE, force=force)
+        console.print(f"exported {checkpoint} -> {out}", highlight=False, soft_wrap=True)
+        run = f'llama-completion -m {out} -no-cnv -p "Once upon a time"'
+        console.print(f"run it with llama.cpp: {run}", highlight=False, soft_wrap=True)
+        return
+    if file_format != "hf":
+        raise SmallGPTError(f"unknown --format {file_format!r}; choose hf or gguf")
+    if gguf_type is not None:
+        raise SmallGPTError("--type sets the weights of a GGUF file: use it with --format gguf")
     from smallgpt.interop import export_to_hf
 
     export_to_hf(checkpoint, out, force=force)

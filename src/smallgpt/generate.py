@@ -184,10 +184,16 @@ class RowText:
 class Int8Linear(nn.Module):
     """A Linear layer that stores its weight as int8 with one scale per output row (CPU inference).
 
-    Decoding one sequence on a CPU is bound by reading the weights from memory for every token
-    (~120 MB for smallgpt-10m in fp32, 60% of it the tied head); int8 reads a quarter of that. Row w
-    is stored as round(w / s) with s = max|w| / 127 (error at most s/2 per weight); inputs pass through
-    bfloat16, the input type of PyTorch's int8 weight-only matmul kernel.
+    Decoding one sequence on a CPU is bound by reading the weights for every token (~120 MB for
+    smallgpt-10m in fp32, 60% of it the head); int8 reads a quarter of that. Row w is stored as
+    round(w / s) with s = max|w| / 127 (error at most s/2 per weight). The matmul is PyTorch's int8
+    weight-only kernel, `_weight_int8pack_mm`, which widens the weights inside its loop; its vector
+    path takes bfloat16 inputs (fp32 ones run ~10x slower), so inputs pass through bfloat16.
+
+    Why not torchao's `Int8WeightOnlyConfig` (the same per-row scheme): in eager mode, as the engine
+    runs, its matmul first converts the whole weight to fp32, which made generation 7-11x slower than
+    this layer (slower than fp32 itself); compiled with bfloat16 inputs it becomes this very kernel
+    (benchmarks/RESULTS.md).
     """
 
     def __init__(self, linear: nn.Linear):
@@ -200,15 +206,15 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scale)
-        y = y.to(x.dtype).view(*x.shape[:-1], -1)
+        y = torch._weight_int8pack_mm(rows, self.weight, self.scale).to(x.dtype)
+        y = y.view(x.shape[:-1] + (-1,))
         return y if self.bias is None else y + self.bias
 
 
 def quantize_int8(model: GPT) -> GPT:
     """A copy of `model` for CPU generation with every matmul weight in int8 (embeddings stay fp32).
 
-    About twice as fast at batch 1 on a CPU; logits move by about 1% of their spread, so samples are
+    1.7-2.1x as fast at batch 1 on a 2-core CPU; logits move by 1-2% of their spread, so samples are
     as good but not bit-identical to fp32 (greedy text can differ where two tokens nearly tie).
     """
     if next(model.parameters()).device.type != "cpu":

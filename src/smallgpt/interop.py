@@ -10,7 +10,7 @@ imported weights, the tokenizer files, and the output directory's handling.
 generation config, tokenizer); `import_from_hf` reads such a directory into a SmallGPT checkpoint.
 Neither needs `transformers` itself: the files are plain JSON and safetensors. An option one side
 cannot express is refused with a reason, never silently dropped, so a converted model computes
-exactly what the original did.
+exactly what the original did. `smallgpt.interop_gguf` writes llama.cpp's GGUF from the same mappings.
 """
 
 from __future__ import annotations
