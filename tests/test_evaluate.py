@@ -1,4 +1,5 @@
-"""Evaluation against a hand-written reference (logits + F.cross_entropy), determinism, and plots."""
+"""Evaluation against a hand-written reference (logits + F.cross_entropy), and its determinism. (`eval` of
+every architecture on a prepared split and on raw text, and `plot`: test_architectures.)"""
 
 import json
 import math
@@ -7,12 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from training_helpers import (
-    metrics,
-    smallgpt,
-    tiny_run,
-    write_data,
-)
+from training_helpers import smallgpt, write_data
 
 from smallgpt.checkpoint import save_weights
 from smallgpt.config import ModelConfig
@@ -21,7 +17,6 @@ from smallgpt.evaluate import estimate_loss, evaluate_checkpoint
 from smallgpt.loader import load_split
 from smallgpt.model import GPT
 from smallgpt.tokenizer import EOT_ID, get_tokenizer
-from smallgpt.train import train
 
 CPU = Runtime(0, 0, 1, torch.device("cpu"))
 
@@ -97,16 +92,3 @@ def test_validation_estimate_uses_the_same_batches_every_time(tmp_path):
     losses = [estimate_loss(model, val, 4, 3, 1337, CPU, torch.float32) for _ in range(2)]
     assert losses[0] == losses[1]
     assert losses[0] != estimate_loss(model, val, 4, 3, 7, CPU, torch.float32)  # another seed, other windows
-
-
-def test_plot_command_redraws_the_loss_curve(tmp_path):
-    data = write_data(tmp_path / "data")
-    run = tmp_path / "run"
-    train(tiny_run(max_iters=10, eval_interval=5), data, run)
-    (run / "loss.png").unlink()
-    assert len(metrics(run, "eval")) == 2
-    result = smallgpt("plot", str(run))
-    assert result.returncode == 0, result.stderr
-    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    empty = smallgpt("plot", str(tmp_path / "data"))
-    assert empty.returncode == 1 and "no metrics.jsonl" in empty.stderr

@@ -11,7 +11,7 @@ import torch.nn as nn
 from conftest import ONE_THREAD_ENV, smallgpt
 
 from smallgpt.architectures import ARCHITECTURES
-from smallgpt.checkpoint import WEIGHTS_NAME, load_model, save_weights
+from smallgpt.checkpoint import save_weights
 from smallgpt.config import ModelConfig
 from smallgpt.engine import Completion, Engine, Request, prompt_ids
 from smallgpt.errors import SmallGPTError
@@ -307,18 +307,6 @@ def test_int8_weights_on_every_linear_keep_the_distribution_and_leave_the_model_
     assert completion.token_ids == reference_generate(quantized, "Hello", greedy)
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_sample_int8_from_a_run_directory_of_every_architecture(arch, tmp_path):
-    save_weights(small_model(arch=arch), tmp_path / WEIGHTS_NAME)
-    args = ("sample", str(tmp_path), "--int8", "--prompt=Hello", "--max-new-tokens=12", "--temperature=0")
-    result = smallgpt(*args)
-    assert result.returncode == 0, result.stderr
-    expected = Engine(quantize_int8(load_model(tmp_path))).generate(
-        ["Hello"], SamplingParams(12, temperature=0)
-    )
-    assert result.stdout == f"Hello{expected[0].text}\n"
-
-
 def test_model_with_another_vocabulary_is_refused():
     with pytest.raises(SmallGPTError, match="incompatible checkpoint"):
         Engine(GPT(ModelConfig(vocab_size=1000, block_size=8, n_layer=1, n_head=1, n_embd=8)))
@@ -355,40 +343,14 @@ def test_sample_streams_the_prompt_and_its_greedy_continuation(checkpoint, tmp_p
     assert from_file.stdout == f"Hello{expected[: expected.index(stop)]}\n"
 
 
-def test_sample_batches_several_prompts_and_samples_like_the_engine(checkpoint):
-    prompts, params = ["Hello", "Once upon a time, in a land"], SamplingParams(20, seed=9, stop=("e",))
-    want = Engine(small_model(), max_batch=4).generate([p for p in prompts for _ in range(2)], params)
-    args = [
-        "sample",
-        str(checkpoint),
-        "--seed=9",
-        "--num-samples=2",
-        "--max-new-tokens=20",
-        "--stop=e",
-        "--temperature=1",
-    ]
-    result = smallgpt(*args, *(f"--prompt={p}" for p in prompts))
-    assert result.returncode == 0, result.stderr
-    shown = [p for p in prompts for _ in range(2)]
-    assert result.stdout.split("-" * 40 + "\n") == [
-        f"{p}{c.text}\n" for p, c in zip(shown, want, strict=True)
-    ]
-    assert [line.split("finish: ")[1] for line in result.stderr.splitlines()] == [
-        f"{c.finish_reason}]" for c in want
-    ]
-
-
-def test_sample_seeds_num_samples_empty_prompt_and_interactive(checkpoint):
+def test_sample_seeds_num_samples_and_empty_prompt(checkpoint):
+    """(Several prompts x --num-samples, --int8 and --interactive: test_architectures, every architecture.)"""
     args = ("sample", str(checkpoint), "--seed", "5", "--num-samples", "2", "--max-new-tokens", "8")
     first, second = smallgpt(*args), smallgpt(*args)
     assert first.returncode == 0 and first.stdout == second.stdout
     one, two = first.stdout.split("-" * 40 + "\n")
     assert one != two
     assert "starting from <|endoftext|>" in first.stderr
-    interactive = ("sample", str(checkpoint), "--interactive", "--max-new-tokens=5", "--int8")
-    session = smallgpt(*interactive, input="Hi\nHo\n")
-    assert session.returncode == 0 and session.stderr.count("[5 tokens,") == 2
-    assert "Hi" in session.stdout and "Ho" in session.stdout
 
 
 def test_sample_bad_input_gives_one_line_errors(checkpoint, tmp_path):
