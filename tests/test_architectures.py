@@ -194,9 +194,11 @@ def test_bf16_autocast_training_tracks_fp32(trained, tmp_path):
     assert train_losses(out) == pytest.approx(train_losses(trained.run)[:updates], rel=1e-3)
 
 
-# Found when the tiled loss and the Newton-Schulz-dtype Muon landed beside this matrix: with Muon, the
-# 2-process run's losses still equal one process's to 1e-4, but its step-20 matrices sit ~4e-3 apart
-# (test_optim's shorter Muon DDP run on the speed branch passes). Not yet explained; strict, so a fix shows.
+# Found when the tiled loss (speed work) landed beside this matrix: with Muon, the 2-process run's losses
+# still equal one process's to 1e-4, but its step-20 block weights sit ~4e-3 apart (head within 5e-4).
+# Bisected by swapping files: with aa49b70's loss.py the cell passes; with torch.optim.Muon in place of
+# our Newton-Schulz subclass it still fails. So the tiled loss's gradients make the two paths drift; why
+# is not known yet. Strict, so a fix shows.
 MUON_DDP_DRIFT = "Muon under 2 gloo processes drifts from one process's weights (losses agree)"
 
 
