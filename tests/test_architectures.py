@@ -194,21 +194,11 @@ def test_bf16_autocast_training_tracks_fp32(trained, tmp_path):
     assert train_losses(out) == pytest.approx(train_losses(trained.run)[:updates], rel=1e-3)
 
 
-# Found when the tiled loss (speed work) landed beside this matrix: with Muon, the 2-process run's losses
-# still equal one process's to 1e-4, but its step-20 block weights sit ~4e-3 apart (head within 5e-4).
-# Bisected by swapping files: with aa49b70's loss.py the cell passes; with torch.optim.Muon in place of
-# our Newton-Schulz subclass it still fails. So the tiled loss's gradients make the two paths drift; why
-# is not known yet. Strict, so a fix shows.
-MUON_DDP_DRIFT = "Muon under 2 gloo processes drifts from one process's weights (losses agree)"
-
-
-def test_torchrun_with_two_processes_trains_what_one_process_does(trained, tmp_path, request):
+def test_torchrun_with_two_processes_trains_what_one_process_does(trained, tmp_path):
     """2 gloo processes, one micro-batch each, against the fixture's one process accumulating two:
     the same samples per update and the gradients averaged, so the same losses and weights; the final
     validation pass, split over the ranks, scores the whole split. Then the DDP run's step-10
     checkpoint, resumed by one process, arrives where the single-process run did."""
-    if resolve_config(preset_of(trained.arch)).train.optimizer == "muon":  # open: see MUON_DDP_DRIFT
-        request.applymarker(pytest.mark.xfail(strict=True, reason=MUON_DDP_DRIFT))
     ddp = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     command += ["-m", "smallgpt", "train", "--preset", preset_of(trained.arch), "--data", str(trained.data)]
