@@ -131,3 +131,25 @@ def test_sequence_longer_than_context_is_refused():
     model = GPT(ModelConfig(**SMALL))
     with pytest.raises(ValueError, match="exceeds block_size"):
         model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_training_attention_in_fp32_under_bf16_autocast():
+    """`train_attention_in(float32)`: with gradients on, attention computes in fp32 from the bf16
+    projections (and its gradients reach the bf16 weights); without gradients autocast's bf16 stays."""
+    model = GPT(ModelConfig(**SMALL))
+    model.train_attention_in(torch.float32)
+    attn = model.transformer.h[0].attn
+    q, k, v = (torch.randn(2, 4, 8, 16).bfloat16().requires_grad_() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = attn.attend(q, k, v)
+        with torch.no_grad():
+            assert attn.attend(q, k, v).dtype == torch.bfloat16
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    assert y.dtype == torch.float32 and torch.equal(y, want)
+    y.sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.bfloat16
+    idx = torch.randint(0, SMALL["vocab_size"], (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(idx, idx)
+    loss.backward()  # the whole model trains through it
+    assert model.transformer.h[0].attn.c_attn.weight.grad.abs().sum() > 0

@@ -125,14 +125,15 @@ TINY = PRESETS["tiny-modern"]
 def cache(tmp_path, monkeypatch):
     """An empty cache directory, and a CPU whose matmul timings the test sets (`cache.times`)."""
     monkeypatch.setenv("SMALLGPT_CACHE", str(tmp_path / "cache"))
-    state = {"times": (1.0, 1.0), "calls": 0}
+    state = {"times": (1.0, 1.0), "attention": None, "calls": 0}
 
-    def fake_timings(shape_lists):
+    def fake_timings(probe_lists):  # matmuls, Newton-Schulz's matmuls, attention
         state["calls"] += 1
         fp32, bf16 = state["times"]
-        return {torch.float32: [fp32] * len(shape_lists), torch.bfloat16: [bf16] * len(shape_lists)}
+        attention_fp32, attention_bf16 = state["attention"] or state["times"]
+        return {torch.float32: [fp32, fp32, attention_fp32], torch.bfloat16: [bf16, bf16, attention_bf16]}
 
-    monkeypatch.setattr(precision, "seconds_per_shape", fake_timings)
+    monkeypatch.setattr(precision, "seconds_per_probe", fake_timings)
     state["file"] = tmp_path / "cache" / precision.CACHE_NAME
     return state
 
@@ -150,6 +151,22 @@ def test_auto_on_a_cpu_trains_in_bf16_only_where_it_measures_faster(
     decision = precision.resolve_precision("auto", torch.device("cpu"), TINY, 1024)
     assert decision.dtype == expected and decision.ns_dtype == newton_schulz and not decision.cached
     assert decision.describe().startswith(f"{precision.name(expected)} (auto: bf16 matmuls ")
+
+
+@pytest.mark.parametrize("attention_seconds, attention_dtype", [((1.0, 3.0), torch.float32), ((1.0, 0.5), None)])
+def test_attention_trains_in_fp32_where_its_bf16_backward_measures_slower(
+    cache, attention_seconds, attention_dtype
+):
+    cache["times"], cache["attention"] = (3.0, 1.0), attention_seconds
+    decision = precision.resolve_precision("auto", torch.device("cpu"), TINY, 1024)
+    assert decision.dtype == torch.bfloat16 and decision.attention_dtype == attention_dtype
+    assert ("attention in float32" in decision.describe()) == (attention_dtype is not None)
+    assert precision.cpu_decision(TINY, 1024).attention_dtype == attention_dtype  # and from the cache
+
+
+def test_the_probes_time_real_work_in_both_dtypes():
+    times = precision.seconds_per_probe(precision.probes(PRESETS["tiny"], 256))
+    assert all(len(times[d]) == 3 and all(t > 0 for t in times[d]) for d in (torch.float32, torch.bfloat16))
 
 
 @pytest.mark.parametrize("named", ["float32", "bfloat16"])

@@ -14,15 +14,14 @@ For softmax cross-entropy with logits z = h W^T, target t and log-partition lse 
 The gradient needs the row's lse, which is known only after every tile has been seen. So:
   forward   each tile's logits -> their logsumexp, merged into the running lse; then loss = lse - z_t
             (z_t as a row-wise dot product h . W_t). 2NVC FLOPs; nothing of size N x V is kept.
-  backward  each tile's logits again (2NVC more) -> dL/dz for that tile in two passes (subtract, exp)
-            -> dL/dh += dL/dz @ W_tile and dL/dW_tile = (dL/dz)^T @ h at once (4NVC).
+  backward  each tile's logits again (2NVC more) -> softmax(z) for that tile in two passes (subtract
+            into fp32, exp back into the matmul dtype) -> P W_tile and P_tile^T h at once (4NVC).
+            The one-hot term and the per-row factor (1/rows times the incoming gradient) are applied
+            outside the tiles, on N x C and V x C tensors: -onehot(t) W is -W_t, and a row factor
+            multiplies h and dL/dh rather than N x V probabilities.
 Recomputing the logits costs a third more matmul work than keeping them, and saves writing and reading
-N x V numbers from memory, which on a CPU is the slower of the two (benchmarks/RESULTS.md). It also
-makes fp16 safe: the loss scale that `torch.amp.GradScaler` puts into the incoming gradient multiplies
-dL/dz in fp32 before it is cast for the matmuls, so probabilities of ~1e-5 / rows do not underflow. It is a
-multiplication, not a shift inside the exp, so that a gradient scaled by a power of two (1/accumulation
-steps, a loss scale) is exactly that multiple: accumulating micro-batches and averaging them over DDP
-processes then compute the same bits.
+N x V numbers from memory, which on a CPU is the slower of the two (benchmarks/RESULTS.md). On a CPU the
+elementwise passes over a tile cost about what its matmuls do, so each pass that can go, goes.
 Under `torch.no_grad` (evaluation) only the forward runs.
 """
 
@@ -66,26 +65,25 @@ def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 class _TileBuffers:
     """The logits of one tile, in buffers allocated once per call and reused by every tile: fresh
-    megabyte-sized tensors would each cost the allocator page faults. `logits(h, w_tile)` is
-    h @ w_tile^T in the accumulation dtype (through a matmul-dtype buffer under autocast)."""
+    megabyte-sized tensors would each cost the allocator page faults. Under autocast the matmuls
+    write `mm` (bf16/fp16) and the softmax reads it into `acc` (fp32) in the same pass that shifts it;
+    without autocast both are one fp32 buffer and every pass works in place."""
 
     def __init__(self, rows: int, columns: int, mm_dtype: torch.dtype, acc: torch.dtype, device):
         self.acc = torch.empty(rows * columns, dtype=acc, device=device)
-        self.mm = None if mm_dtype == acc else torch.empty(rows * columns, dtype=mm_dtype, device=device)
+        self.mm = self.acc if mm_dtype == acc else torch.empty(rows * columns, dtype=mm_dtype, device=device)
         self.rows = rows
 
-    def view(self, buffer: torch.Tensor, columns: int) -> torch.Tensor:
-        return buffer[: self.rows * columns].view(self.rows, columns)
-
     def logits(self, h: torch.Tensor, w_tile: torch.Tensor) -> torch.Tensor:
-        acc = self.view(self.acc, len(w_tile))
-        if self.mm is None:
-            return torch.mm(h, w_tile.t(), out=acc)
-        return acc.copy_(torch.mm(h, w_tile.t(), out=self.view(self.mm, len(w_tile))))
+        """h @ w_tile^T in the matmul dtype."""
+        return torch.mm(h, w_tile.t(), out=self._view(self.mm, len(w_tile)))
 
-    def in_mm_dtype(self, values: torch.Tensor) -> torch.Tensor:
-        """`values` (a tile in the accumulation dtype) cast into the matmul-dtype buffer."""
-        return values if self.mm is None else self.view(self.mm, values.shape[1]).copy_(values)
+    def shifted(self, logits: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """logits - shift (per row) in the accumulation dtype."""
+        return torch.sub(logits, shift, out=self._view(self.acc, logits.shape[1]))
+
+    def _view(self, buffer: torch.Tensor, columns: int) -> torch.Tensor:
+        return buffer[: self.rows * columns].view(self.rows, columns)
 
 
 def _tiles(vocab_size: int, columns: int):
@@ -109,40 +107,46 @@ class _TiledLinearCrossEntropy(torch.autograd.Function):
         running_sum = torch.zeros(len(targets), 1, dtype=acc, device=hidden.device)
         for tile in _tiles(vocab_size, columns):
             logits = buffers.logits(h_mm, w_mm[tile])
-            new_max = torch.maximum(running_max, logits.amax(dim=1, keepdim=True))
+            new_max = torch.maximum(running_max, logits.amax(dim=1, keepdim=True).to(acc))
             running_sum *= torch.exp(running_max - new_max)
-            running_sum += logits.sub_(new_max).exp_().sum(dim=1, keepdim=True)
+            running_sum += buffers.shifted(logits, new_max).exp_().sum(dim=1, keepdim=True)
             running_max = new_max
-        log_z = (running_max + running_sum.log()).squeeze(1)
         target_logit = (h_mm.to(acc) * w_mm[safe_targets].to(acc)).sum(dim=1)
-        ctx.save_for_backward(h_mm, w_mm, safe_targets, row_factor, log_z)
+        # The row max is one of the logits, so the matmul dtype holds it exactly (the backward shifts by it).
+        ctx.save_for_backward(h_mm, w_mm, safe_targets, row_factor, running_max.to(mm_dtype), running_sum)
         ctx.vocab_size, ctx.columns, ctx.input_dtypes = vocab_size, columns, (hidden.dtype, weight.dtype)
+        log_z = (running_max + running_sum.log()).squeeze(1)
         return ((log_z - target_logit) * row_factor).sum()
 
     @staticmethod
     def backward(ctx, grad_loss):  # type: ignore[override]
-        h_mm, w_mm, targets, row_factor, log_z = ctx.saved_tensors
-        # dL/dz = (softmax(z) - onehot(t)) * f per row, with f the mean's 1/rows times the incoming gradient
-        # (which may hold a loss scale); an ignored row has f = 0. The incoming gradient's sign is applied
-        # to h and dL/dh instead, so f stays positive.
-        scale = (row_factor * grad_loss.abs())[:, None]
-        sign = grad_loss.sign().to(h_mm.dtype)
-        shift = log_z[:, None]
-        signed_hidden = h_mm * sign
-        buffers = _TileBuffers(len(targets), ctx.columns, h_mm.dtype, log_z.dtype, h_mm.device)
-        grad_hidden = torch.zeros(h_mm.shape, dtype=log_z.dtype, device=h_mm.device)
-        grad_weight = torch.zeros(w_mm.shape, dtype=ctx.input_dtypes[1], device=w_mm.device)
+        h_mm, w_mm, targets, row_factor, row_max, row_sum = ctx.saved_tensors
+        # dL/dz = f * (softmax(z) - onehot(t)) per row, with f the mean's 1/rows times the incoming
+        # gradient (which may hold a loss scale); an ignored row has f = 0. Row factors can leave the
+        # N x V tiles: diag(f) P W = f * (P W) and P^T diag(f) h = P^T (f h), so they multiply h and dL/dh
+        # (N x C), not the logits. So does softmax's 1/S: a tile needs only exp(z - M) = S * softmax(z)
+        # (M the row max, S = sum exp(z - M)), computed in place in the matmul dtype: a subtraction and
+        # an exp, no casts. The factors are fp32 multiplications, so a gradient scaled by a power of two
+        # (1/accumulation steps, a loss scale) is exactly that multiple: accumulating micro-batches and
+        # averaging them over DDP processes then compute the same bits.
+        factor = (row_factor * grad_loss)[:, None]
+        hidden = h_mm.to(row_sum.dtype)
+        per_prob = factor / row_sum  # multiplies exp(z - M)
+        buffers = _TileBuffers(len(targets), ctx.columns, h_mm.dtype, h_mm.dtype, h_mm.device)
+        exp_times_w = torch.zeros(hidden.shape, dtype=hidden.dtype, device=h_mm.device)
+        grad_weight = torch.empty(w_mm.shape, dtype=ctx.input_dtypes[1], device=w_mm.device)
+        grad_weight[ctx.vocab_size :].zero_()  # the padding columns are never tokens
+        hidden_per_prob = (hidden * per_prob).to(h_mm.dtype)
         for tile in _tiles(ctx.vocab_size, ctx.columns):
             w_tile = w_mm[tile]
-            probs = buffers.logits(h_mm, w_tile).sub_(shift).exp_().mul_(scale)
-            grad_logits = buffers.in_mm_dtype(probs)
-            # - onehot(t) * f, for the rows whose target falls in this tile
-            hit = (targets >= tile.start) & (targets < tile.stop)
-            column = (targets - tile.start).clamp(0, tile.stop - tile.start - 1)[:, None]
-            grad_logits.scatter_add_(1, column, -(scale * hit[:, None]).to(h_mm.dtype))
-            grad_hidden += grad_logits @ w_tile
-            grad_weight[tile] = grad_logits.t() @ signed_hidden
-        return (grad_hidden * sign).to(ctx.input_dtypes[0]), grad_weight, None, None, None
+            exps = buffers.logits(h_mm, w_tile).sub_(row_max).exp_()
+            exp_times_w += exps @ w_tile
+            grad_weight[tile] = exps.t() @ hidden_per_prob
+        # The one-hot part, once for all tiles: -onehot(t) W is -W_t in each row, and -onehot(t)^T (f h)
+        # adds -f h into row t of dL/dW.
+        grad_hidden = per_prob * exp_times_w - factor * w_mm[targets].to(hidden.dtype)
+        grad_weight.index_add_(0, targets, (-factor * hidden).to(grad_weight.dtype))
+        return grad_hidden.to(ctx.input_dtypes[0]), grad_weight, None, None, None
 
 
 def linear_cross_entropy(

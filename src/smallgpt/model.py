@@ -85,6 +85,9 @@ class CausalSelfAttention(nn.Module):
             self.k_norm = nn.RMSNorm(config.head_dim, eps=arch.norm_eps)
         self.c_proj = nn.Linear(C, C, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        # The dtype attention computes in while gradients are on, whatever autocast picks (None: the
+        # inputs'): set by training where a measurement found it faster (`GPT.train_attention_in`).
+        self.grad_dtype: torch.dtype | None = None
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Queries, keys, values (B, T, n_head, head_dim); with QK-norm each q and k head RMS-normalised."""
@@ -108,13 +111,19 @@ class CausalSelfAttention(nn.Module):
         # softmax(q k^T / sqrt(head_dim) + causal mask) v, through PyTorch's fused kernels
         # (FlashAttention / memory-efficient attention where the device has them).
         if cache is None:
-            y = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-            )
+            y = self.attend(q, k, v)
         else:  # generating: the cache stores this step's keys/values and attends over what it holds
             y = cache.attend(q, k, v)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # concatenate the heads again
         return self.resid_dropout(self.c_proj(y))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        dropout = self.dropout if self.training else 0.0
+        if self.grad_dtype is None or not torch.is_grad_enabled():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        with torch.autocast(q.device.type, enabled=False):
+            q, k, v = (t.to(self.grad_dtype) for t in (q, k, v))
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
 
 
 class MLP(nn.Module):
@@ -262,6 +271,13 @@ class GPT(nn.Module):
             x = block(x, rope, layer_cache)
         x = self.transformer.ln_f(x[:, -1] if last_only else x)
         return self.lm_head(x)[..., : self.config.vocab_size]
+
+    def train_attention_in(self, dtype: torch.dtype | None) -> None:
+        """Attention forward + backward in `dtype` whatever autocast picks (None: autocast's choice).
+        Training sets it where `smallgpt.precision` measured it faster; generation and evaluation
+        (no gradients) keep autocast's."""
+        for block in self.transformer.h:
+            block.attn.grad_dtype = dtype
 
     # --- bookkeeping used by the CLI, training and benchmarks ---
 

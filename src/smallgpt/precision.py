@@ -4,8 +4,10 @@ GPUs all multiply bf16 (or fp16) far faster than fp32, so `dtype=auto` picks it 
 differ: one with AMX or AVX-512 BF16 multiplies bf16 several times faster than fp32, one without
 emulates it and is slower. So on a CPU `auto` times the model's own matmul shapes both ways (about a
 second) and trains in bf16 autocast, with fp32 master weights and fp32 softmax and sums, only where
-bf16 wins by BF16_MARGIN. Muon's Newton-Schulz iterations (small square matmuls) get their own
-verdict: torch's bf16, unless fp32 is faster by that margin (a CPU that emulates bf16). The result
+bf16 wins by BF16_MARGIN. Two kinds of work get their own verdicts, because their kernels are not the
+big matmuls': Muon's Newton-Schulz iterations (small square matmuls: torch's bf16, unless fp32 is
+faster by that margin) and attention with its backward (PyTorch's CPU flash-attention kernel, whose
+bf16 backward can be several times slower than its fp32 one at small head sizes). The result
 is stored in the cache directory under a key of everything it depends on (CPU model and flags, torch
 version, shapes), so later runs on the same machine pay nothing; an unreadable or foreign cache file
 is measured again and rewritten, never trusted and never fatal.
@@ -31,19 +33,21 @@ from smallgpt.errors import SmallGPTError
 from smallgpt.loss import tile_columns
 
 CACHE_NAME = "precision.json"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 BF16_MARGIN = 1.25  # bf16 must be this much faster: autocast's casts and a rounding cost are not free
 BURST_SECONDS, ROUNDS = 0.01, 5  # a shape is timed in bursts of ~10 ms; the best of 5 counts
 
 
 @dataclass(frozen=True)
 class Decision:
-    """The measured verdict: the training dtype, Muon's Newton-Schulz dtype, and why."""
+    """The measured verdict: the training dtype, Muon's Newton-Schulz dtype, attention's, and why."""
 
     dtype: torch.dtype
     ns_dtype: torch.dtype
     speedup: float  # fp32 time / bf16 time over the model's matmul shapes
     ns_speedup: float  # the same for the Newton-Schulz shapes
+    attention_dtype: torch.dtype | None = None  # training's attention (forward + backward); None: dtype's
+    attention_speedup: float = float("nan")  # fp32 time / bf16 time of attention's forward + backward
     cached: bool = False
     measured: bool = True  # False: named by the config, or by the device (GPUs)
 
@@ -51,9 +55,10 @@ class Decision:
         if not self.measured:
             return name(self.dtype)
         how = "cached" if self.cached else "measured now"
+        attention = f", attention in {name(self.attention_dtype)}" if self.attention_dtype else ""
         return (
             f"{name(self.dtype)} (auto: bf16 matmuls {self.speedup:.1f}x fp32 on this CPU, "
-            f"Newton-Schulz in {name(self.ns_dtype)}; {how})"
+            f"Newton-Schulz in {name(self.ns_dtype)}{attention}; {how})"
         )
 
 
@@ -75,8 +80,43 @@ def newton_schulz_shapes(config: ModelConfig) -> list[tuple[int, int, int]]:
     return sorted({(C, C, C), (min(C, F), max(C, F), min(C, F))})
 
 
-def seconds_per_shape(shape_lists: list[list[tuple[int, int, int]]]) -> dict[torch.dtype, list[float]]:
-    """Per dtype, the summed time of one matmul of each shape in each list, best of ROUNDS.
+def attention_shape(config: ModelConfig, rows: int) -> tuple[int, int, int, int]:
+    """(batch, heads, T, head_dim) of one micro-batch's attention."""
+    return (max(1, rows // config.block_size), config.n_head, config.block_size, config.head_dim)
+
+
+def matmul(m: int, k: int, n: int):
+    """A probe: given a dtype, a call that multiplies an m x k by a k x n matrix in it."""
+
+    def make(dtype: torch.dtype):
+        a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+        return lambda: a @ b
+
+    return make
+
+
+def attention(batch: int, heads: int, T: int, head_dim: int):
+    """A probe: causal attention forward and backward, as training runs it."""
+
+    def make(dtype: torch.dtype):
+        q, k, v = (torch.randn(batch, heads, T, head_dim).to(dtype).requires_grad_() for _ in range(3))
+        grad = torch.randn(batch, heads, T, head_dim).to(dtype)
+        return lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
+
+    return make
+
+
+def probes(config: ModelConfig, rows: int) -> list[list]:
+    """What the verdicts weigh: the model's matmuls, Newton-Schulz's, attention forward + backward."""
+    return [
+        [matmul(*shape) for shape in model_shapes(config, rows)],
+        [matmul(*shape) for shape in newton_schulz_shapes(config)],
+        [attention(*attention_shape(config, rows))],
+    ]
+
+
+def seconds_per_probe(probe_lists: list[list]) -> dict[torch.dtype, list[float]]:
+    """Per dtype, the summed time of one call of each probe in each list, best of ROUNDS.
 
     What is compared is the core's instruction set (AMX, AVX-512 BF16 or neither), so the probe runs
     on one thread and counts that thread's CPU time: a machine busy with other jobs then delays the
@@ -86,46 +126,49 @@ def seconds_per_shape(shape_lists: list[list[tuple[int, int, int]]]) -> dict[tor
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _best_times(shape_lists)
+        return _best_times(probe_lists)
     finally:
         torch.set_num_threads(threads)
 
 
-def _best_times(shape_lists: list[list[tuple[int, int, int]]]) -> dict[torch.dtype, list[float]]:
+def _best_times(probe_lists: list[list]) -> dict[torch.dtype, list[float]]:
     dtypes = (torch.float32, torch.bfloat16)
-    operands = {d: [[(torch.randn(m, k).to(d), torch.randn(k, n).to(d)) for m, k, n in shapes]
-                    for shapes in shape_lists] for d in dtypes}  # fmt: skip
-    best = {d: [[math.inf] * len(shapes) for shapes in shape_lists] for d in dtypes}
-    calls = {}
+    calls = {d: [[make(d) for make in probes_] for probes_ in probe_lists] for d in dtypes}
+    best = {d: [[math.inf] * len(probes_) for probes_ in probe_lists] for d in dtypes}
+    repeats = {}
     for round_ in range(ROUNDS):
-        for d, (i, j) in itertools.product(dtypes, _indices(shape_lists)):
-            a, b = operands[d][i][j]
-            if round_ == 0:  # warm-up (kernel choice, packing), then calls for a burst of BURST_SECONDS
-                a @ b
+        for d, (i, j) in itertools.product(dtypes, _indices(probe_lists)):
+            call = calls[d][i][j]
+            if round_ == 0:  # warm-up (kernel choice, packing), then repeats for a burst of BURST_SECONDS
+                call()
                 started = time.thread_time()
-                a @ b
-                calls[d, i, j] = max(1, round(BURST_SECONDS / max(time.thread_time() - started, 1e-7)))
+                call()
+                repeats[d, i, j] = max(1, round(BURST_SECONDS / max(time.thread_time() - started, 1e-7)))
             started = time.thread_time()
-            for _ in range(calls[d, i, j]):
-                a @ b
-            best[d][i][j] = min(best[d][i][j], (time.thread_time() - started) / calls[d, i, j])
+            for _ in range(repeats[d, i, j]):
+                call()
+            best[d][i][j] = min(best[d][i][j], (time.thread_time() - started) / repeats[d, i, j])
     return {d: [sum(times) for times in best[d]] for d in dtypes}
 
 
-def _indices(shape_lists):
-    return [(i, j) for i, shapes in enumerate(shape_lists) for j in range(len(shapes))]
+def _indices(probe_lists):
+    return [(i, j) for i, probes_ in enumerate(probe_lists) for j in range(len(probes_))]
 
 
 def measure(config: ModelConfig, rows: int) -> Decision:
-    """Time the model's shapes and the Newton-Schulz shapes in fp32 and bf16; pick each one's dtype."""
-    times = seconds_per_shape([model_shapes(config, rows), newton_schulz_shapes(config)])
-    speedup, ns_speedup = (fp32 / bf16 for fp32, bf16 in zip(*times.values(), strict=True))
+    """Time the model's shapes, Newton-Schulz's and attention in fp32 and bf16; pick each one's dtype."""
+    times = seconds_per_probe(probes(config, rows))
+    speedup, ns_speedup, attention_speedup = (fp32 / bf16 for fp32, bf16 in zip(*times.values(), strict=True))
+    dtype = torch.bfloat16 if speedup >= BF16_MARGIN else torch.float32
     return Decision(
-        dtype=torch.bfloat16 if speedup >= BF16_MARGIN else torch.float32,
+        dtype=dtype,
         # torch.optim.Muon's own choice, bf16, unless fp32 is faster by the margin here
         ns_dtype=torch.float32 if ns_speedup * BF16_MARGIN <= 1 else torch.bfloat16,
         speedup=speedup,
         ns_speedup=ns_speedup,
+        # in a bf16 run, attention in whichever of the two is faster here (its inputs are cast either way)
+        attention_dtype=torch.float32 if dtype == torch.bfloat16 and attention_speedup < 1 else None,
+        attention_speedup=attention_speedup,
     )
 
 
@@ -134,7 +177,7 @@ def machine_key(config: ModelConfig, rows: int) -> str:
     facts = {
         "cpu": cpu_description(),
         "torch": torch.__version__,
-        "shapes": model_shapes(config, rows) + newton_schulz_shapes(config),
+        "shapes": model_shapes(config, rows) + newton_schulz_shapes(config) + [attention_shape(config, rows)],
     }
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -169,9 +212,13 @@ def decision_from(entry) -> Decision | None:
     """A cached entry as a Decision; None when it is damaged in any way."""
     try:
         dtype, ns_dtype = getattr(torch, entry["dtype"]), getattr(torch, entry["ns_dtype"])
-        if {dtype, ns_dtype} - {torch.float32, torch.bfloat16}:
+        attention_dtype = entry["attention_dtype"] and getattr(torch, entry["attention_dtype"])
+        if {dtype, ns_dtype, attention_dtype} - {torch.float32, torch.bfloat16, None}:
             return None
-        return Decision(dtype, ns_dtype, float(entry["speedup"]), float(entry["ns_speedup"]), cached=True)
+        return Decision(
+            dtype, ns_dtype, float(entry["speedup"]), float(entry["ns_speedup"]),
+            attention_dtype, float(entry["attention_speedup"]), cached=True,
+        )  # fmt: skip
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
 
@@ -191,6 +238,8 @@ def cpu_decision(config: ModelConfig, rows: int) -> Decision:
     entries[key] = {
         "dtype": name(decision.dtype), "ns_dtype": name(decision.ns_dtype),
         "speedup": decision.speedup, "ns_speedup": decision.ns_speedup,
+        "attention_dtype": decision.attention_dtype and name(decision.attention_dtype),
+        "attention_speedup": decision.attention_speedup,
         "cpu": cpu_description().partition("\n")[0], "torch": torch.__version__,  # for a reader
     }  # fmt: skip
     with contextlib.suppress(SmallGPTError):

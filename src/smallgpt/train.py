@@ -99,6 +99,7 @@ class Trainer:
         self.dtype = self.precision.dtype
         torch.manual_seed(cfg.seed)
         self.model = GPT(run.model).to(device)
+        self.model.train_attention_in(self.precision.attention_dtype)
         checkpoint_bytes = 16 * sum(p.numel() for p in self.model.parameters())  # weights + 2 moments
         if runtime.is_main:
             check_run_dir(out_dir, checkpoint_bytes)
