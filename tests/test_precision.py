@@ -153,7 +153,9 @@ def test_auto_on_a_cpu_trains_in_bf16_only_where_it_measures_faster(
     assert decision.describe().startswith(f"{precision.name(expected)} (auto: bf16 matmuls ")
 
 
-@pytest.mark.parametrize("attention_seconds, attention_dtype", [((1.0, 3.0), torch.float32), ((1.0, 0.5), None)])
+@pytest.mark.parametrize(
+    "attention_seconds, attention_dtype", [((1.0, 3.0), torch.float32), ((1.0, 0.5), None)]
+)
 def test_attention_trains_in_fp32_where_its_bf16_backward_measures_slower(
     cache, attention_seconds, attention_dtype
 ):

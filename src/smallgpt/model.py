@@ -110,10 +110,8 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         # softmax(q k^T / sqrt(head_dim) + causal mask) v, through PyTorch's fused kernels
         # (FlashAttention / memory-efficient attention where the device has them).
-        if cache is None:
-            y = self.attend(q, k, v)
-        else:  # generating: the cache stores this step's keys/values and attends over what it holds
-            y = cache.attend(q, k, v)
+        # Generating, the cache stores this step's keys/values and attends over all it holds.
+        y = self.attend(q, k, v) if cache is None else cache.attend(q, k, v)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # concatenate the heads again
         return self.resid_dropout(self.c_proj(y))
 

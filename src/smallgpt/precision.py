@@ -101,7 +101,9 @@ def attention(batch: int, heads: int, T: int, head_dim: int):
     def make(dtype: torch.dtype):
         q, k, v = (torch.randn(batch, heads, T, head_dim).to(dtype).requires_grad_() for _ in range(3))
         grad = torch.randn(batch, heads, T, head_dim).to(dtype)
-        return lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
+        return lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).backward(
+            grad
+        )
 
     return make
 
