@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from smallgpt.distributed import Runtime, autocast, pick_device
+from smallgpt.distributed import Runtime, autocast, keep_freed_memory, pick_device
 from smallgpt.errors import SmallGPTError
 from smallgpt.loader import RandomBatches, load_split, require_vocabulary, sequential_batches
 from smallgpt.model import GPT
@@ -133,6 +133,8 @@ def evaluate_checkpoint(
 
     data = data_dir_for(data, raw_files=True)
     runtime = Runtime(0, 0, 1, pick_device(device))
+    if runtime.device.type == "cpu":
+        keep_freed_memory()
     weights = resolve_weights(checkpoint)
     model = load_model(weights, runtime.device)
     vocab = model.config.vocab_size

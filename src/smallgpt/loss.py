@@ -14,11 +14,10 @@ For softmax cross-entropy with logits z = h W^T, target t and log-partition lse 
 The gradient needs the row's lse, which is known only after every tile has been seen. So:
   forward   each tile's logits -> their logsumexp, merged into the running lse; then loss = lse - z_t
             (z_t as a row-wise dot product h . W_t). 2NVC FLOPs; nothing of size N x V is kept.
-  backward  each tile's logits again (2NVC more) -> softmax(z) for that tile in two passes (subtract
-            into fp32, exp back into the matmul dtype) -> P W_tile and P_tile^T h at once (4NVC).
-            The one-hot term and the per-row factor (1/rows times the incoming gradient) are applied
-            outside the tiles, on N x C and V x C tensors: -onehot(t) W is -W_t, and a row factor
-            multiplies h and dL/dh rather than N x V probabilities.
+  backward  each tile's logits again (2NVC more) -> exp(z - M) in place, two passes in the matmul
+            dtype -> (exp) W_tile and (exp)^T h at once (4NVC). Softmax's 1/S, the mean's 1/rows and
+            the incoming gradient are per-row factors, applied to h and dL/dh (N x C) rather than to
+            N x V probabilities; the one-hot term once for all tiles: -onehot(t) W is -W_t.
 Recomputing the logits costs a third more matmul work than keeping them, and saves writing and reading
 N x V numbers from memory, which on a CPU is the slower of the two (benchmarks/RESULTS.md). On a CPU the
 elementwise passes over a tile cost about what its matmuls do, so each pass that can go, goes.
@@ -66,8 +65,8 @@ def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 class _TileBuffers:
     """The logits of one tile, in buffers allocated once per call and reused by every tile: fresh
     megabyte-sized tensors would each cost the allocator page faults. Under autocast the matmuls
-    write `mm` (bf16/fp16) and the softmax reads it into `acc` (fp32) in the same pass that shifts it;
-    without autocast both are one fp32 buffer and every pass works in place."""
+    write `mm` (bf16/fp16) and the forward's softmax sums read it in `acc` (fp32); without autocast
+    both are one fp32 buffer and every pass works in place."""
 
     def __init__(self, rows: int, columns: int, mm_dtype: torch.dtype, acc: torch.dtype, device):
         self.acc = torch.empty(rows * columns, dtype=acc, device=device)
@@ -78,9 +77,10 @@ class _TileBuffers:
         """h @ w_tile^T in the matmul dtype."""
         return torch.mm(h, w_tile.t(), out=self._view(self.mm, len(w_tile)))
 
-    def shifted(self, logits: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        """logits - shift (per row) in the accumulation dtype."""
-        return torch.sub(logits, shift, out=self._view(self.acc, logits.shape[1]))
+    def in_acc_dtype(self, logits: torch.Tensor) -> torch.Tensor:
+        """The tile in the accumulation dtype (a copy under autocast: PyTorch's CPU kernels for the
+        reductions and exp run faster on fp32 than on bf16, casting in their loops)."""
+        return logits if self.acc is self.mm else self._view(self.acc, logits.shape[1]).copy_(logits)
 
     def _view(self, buffer: torch.Tensor, columns: int) -> torch.Tensor:
         return buffer[: self.rows * columns].view(self.rows, columns)
@@ -106,10 +106,10 @@ class _TiledLinearCrossEntropy(torch.autograd.Function):
         running_max = torch.full((len(targets), 1), float("-inf"), dtype=acc, device=hidden.device)
         running_sum = torch.zeros(len(targets), 1, dtype=acc, device=hidden.device)
         for tile in _tiles(vocab_size, columns):
-            logits = buffers.logits(h_mm, w_mm[tile])
-            new_max = torch.maximum(running_max, logits.amax(dim=1, keepdim=True).to(acc))
+            logits = buffers.in_acc_dtype(buffers.logits(h_mm, w_mm[tile]))
+            new_max = torch.maximum(running_max, logits.amax(dim=1, keepdim=True))
             running_sum *= torch.exp(running_max - new_max)
-            running_sum += buffers.shifted(logits, new_max).exp_().sum(dim=1, keepdim=True)
+            running_sum += logits.sub_(new_max).exp_().sum(dim=1, keepdim=True)
             running_max = new_max
         target_logit = (h_mm.to(acc) * w_mm[safe_targets].to(acc)).sum(dim=1)
         # The row max is one of the logits, so the matmul dtype holds it exactly (the backward shifts by it).

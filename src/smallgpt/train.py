@@ -47,7 +47,7 @@ from smallgpt.checkpoint import (
     step_checkpoints,
 )
 from smallgpt.config import GPT2_VOCAB_SIZE
-from smallgpt.distributed import Runtime, StopSignal, autocast
+from smallgpt.distributed import Runtime, StopSignal, autocast, keep_freed_memory
 from smallgpt.errors import SmallGPTError, first_line
 from smallgpt.evaluate import estimate_loss, full_pass_loss, perplexity
 from smallgpt.files import WriteError, atomic_write_dir, atomic_write_text, remove_temporaries
@@ -98,6 +98,8 @@ class Trainer:
         self.precision = resolve_precision(cfg.dtype, device, run.model, rows)
         self.dtype = self.precision.dtype
         torch.manual_seed(cfg.seed)
+        if device.type == "cpu":
+            keep_freed_memory()
         self.model = GPT(run.model).to(device)
         self.model.train_attention_in(self.precision.attention_dtype)
         checkpoint_bytes = 16 * sum(p.numel() for p in self.model.parameters())  # weights + 2 moments
