@@ -105,9 +105,11 @@ def test_modern_presets_train_with_muon_at_their_twins_tokens_per_update():
 
 
 def muon_steps(optimizer_class, steps=3, **settings) -> list[torch.Tensor]:
-    """Three matrices (square, wide, tall) after `steps` updates on fixed random gradients."""
+    """Four matrices (two square: one batch; wide; tall) after `steps` updates on fixed random gradients."""
     gen = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(*shape, generator=gen)) for shape in ((8, 8), (8, 24), (24, 8))]
+    params = [
+        torch.nn.Parameter(torch.randn(*shape, generator=gen)) for shape in ((8, 8), (8, 24), (24, 8), (8, 8))
+    ]
     optimizer = optimizer_class(params, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw", **settings)
     for _ in range(steps):
         for p in params:
@@ -130,8 +132,8 @@ def test_our_muon_in_fp32_matches_torch_muon_to_bf16_rounding_and_is_more_orthog
     gen = torch.Generator().manual_seed(1)
     matrix = torch.randn(16, 48, generator=gen)
     coefficients = torch.optim.Muon([torch.nn.Parameter(matrix)]).defaults["ns_coefficients"]
-    exact = orthogonalise(matrix.double(), coefficients, 5, 1e-7, torch.float64)
-    errors = [(orthogonalise(matrix, coefficients, 5, 1e-7, d).double() - exact).abs().max() for d in
+    exact = orthogonalise(matrix[None].double(), coefficients, 5, 1e-7, torch.float64)
+    errors = [(orthogonalise(matrix[None], coefficients, 5, 1e-7, d).double() - exact).abs().max() for d in
               (torch.float32, torch.bfloat16)]  # fmt: skip
     assert errors[0] < 1e-5 < 1e-3 < errors[1]
 
