@@ -1,5 +1,7 @@
 """The model against an independent reference: Hugging Face's GPT2LMHeadModel with the same weights."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -153,3 +155,16 @@ def test_training_attention_in_fp32_under_bf16_autocast():
         loss = model(idx, idx)
     loss.backward()  # the whole model trains through it
     assert model.transformer.h[0].attn.c_attn.weight.grad.abs().sum() > 0
+
+
+def test_qk_norm_under_bf16_autocast_takes_the_fused_kernel_without_a_warning():
+    """The QK-norm sees bf16 projections and has an fp32 gain; the gain follows the input's dtype,
+    so PyTorch's fused RMSNorm runs (it warns and falls back when the two differ)."""
+    model = GPT(get_preset("tiny-modern"))
+    idx = torch.randint(0, 50257, (2, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(idx, idx)
+        loss.backward()
+    assert model.transformer.h[0].attn.q_norm.weight.grad.dtype == torch.float32

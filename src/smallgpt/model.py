@@ -30,11 +30,23 @@ from smallgpt.config import ModelConfig
 from smallgpt.loss import linear_cross_entropy
 
 
+class RMSNorm(nn.RMSNorm):
+    """`nn.RMSNorm` computed in its input's dtype: x / rms(x) * weight.
+
+    Under bf16 autocast the QK-norm's inputs are bf16 projections while its gain is an fp32 master
+    weight; PyTorch's fused kernel needs the two alike (otherwise a slow unfused path and a warning on
+    every run), so the gain meets the input's dtype. Its gradient still reaches the fp32 weight.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:
     """The normalisation layer: LayerNorm, or RMSNorm, which only rescales (no mean, no bias)."""
     arch = config.architecture
     if arch.norm == "rmsnorm":
-        return nn.RMSNorm(dim, eps=arch.norm_eps)
+        return RMSNorm(dim, eps=arch.norm_eps)
     return nn.LayerNorm(dim, eps=arch.norm_eps, bias=config.bias)
 
 
@@ -81,8 +93,8 @@ class CausalSelfAttention(nn.Module):
             self.q_proj, self.k_proj, self.v_proj = (nn.Linear(C, C, bias=config.bias) for _ in range(3))
         self.qk_norm = arch.qk_norm
         if self.qk_norm:
-            self.q_norm = nn.RMSNorm(config.head_dim, eps=arch.norm_eps)
-            self.k_norm = nn.RMSNorm(config.head_dim, eps=arch.norm_eps)
+            self.q_norm = RMSNorm(config.head_dim, eps=arch.norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, eps=arch.norm_eps)
         self.c_proj = nn.Linear(C, C, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         # The dtype attention computes in while gradients are on, whatever autocast picks (None: the
