@@ -36,12 +36,17 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     """FLOP/s of a large square matmul in `dtype` on `device`: the attainable peak MFU is relative to.
 
     The best of several timings, so that a moment of contention (another process, clock ramp-up)
-    does not lower the peak and inflate the MFU.
+    does not lower the peak and inflate the MFU. A CPU first multiplies for a quarter of a second:
+    its thread pool, AMX units and clocks take that long to reach speed, and a peak timed cold made
+    the MFU printed before the first evaluation twice what it was after.
     """
     size, repeats = (8192, 10) if device.type == "cuda" else (1024, 3)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
+    warm_until = time.perf_counter() + (0.25 if device.type == "cpu" else 0.0)
     a @ b  # warm-up: kernel selection, caches, clocks
+    while time.perf_counter() < warm_until:
+        a @ b
     best = 0.0
     for _ in range(5):
         synchronize(device)
