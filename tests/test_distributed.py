@@ -24,6 +24,7 @@ from training_helpers import (
 )
 
 from smallgpt import distributed
+from smallgpt import monitor as monitor_module
 from smallgpt.distributed import keep_freed_memory
 from smallgpt.errors import SmallGPTError
 from smallgpt.monitor import RunMonitor, datasheet_peak
@@ -126,6 +127,20 @@ def test_mfu_divides_by_the_peak_of_every_process(tmp_path):
     record = metrics(tmp_path, "train")[0]
     assert record["mfu"] == pytest.approx(6 * record["tokens_per_s"] / (2 * 1e6))
     assert record["mfu_datasheet"] == pytest.approx(record["mfu"] / 4)
+
+
+def test_training_speed_leaves_out_the_evaluations_between_logs(tmp_path, monkeypatch):
+    clock = iter([0.0, 10.0, 30.0, 31.0])  # start; log at 10 s; an evaluation until 30 s; log at 31 s
+    monkeypatch.setattr(monitor_module.time, "perf_counter", lambda: next(clock))
+    monitor = RunMonitor(
+        tmp_path, Console(quiet=True), start_step=0, max_steps=20, tokens_per_step=100, flops_per_token=6,
+        measure_peak=lambda: 1e6, enabled=True,
+    )  # fmt: skip
+    monitor.log_train(10, 2.0, 1e-3)  # 10 updates in 10 s
+    monitor.resume_clock()  # the evaluation ended at 30 s
+    monitor.log_train(11, 2.0, 1e-3)  # one update in the 1 s since
+    monitor.close()
+    assert [r["tokens_per_s"] for r in metrics(tmp_path, "train")] == [100.0, 100.0]
 
 
 @pytest.mark.parametrize(

@@ -186,6 +186,11 @@ class RunMonitor:
         if not self.console.is_terminal:  # logs and pipes get a line instead of a redrawn bar
             self.console.print(f"step {step}: {status}", highlight=False)
 
+    def resume_clock(self) -> None:
+        """Training resumes now: the next speed counts updates only, not the evaluation and
+        checkpoint just done."""
+        self.last_time = time.perf_counter()
+
     def log_eval(self, step: int, val_loss: float, *, final: bool = False) -> None:
         if not self.enabled:
             return

@@ -233,6 +233,7 @@ class Trainer:
                     self.monitor.log_train(self.step, value, learning_rate_at(cfg, self.step - 1))
                 if evaluate:
                     self._evaluate_and_save()
+                    self.monitor.resume_clock()
                 if (synced or not rt.distributed) and rt.any(stop.requested):
                     if not evaluate:
                         self._check_finite(rt.all_reduce_mean(loss).item(), "training loss")
