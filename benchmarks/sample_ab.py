@@ -6,8 +6,9 @@ Writes random-weight checkpoints of the given presets, then runs `python -m smal
 once with this checkout's code and once with the baseline's (PYTHONPATH), A/B/A/B for --repeats
 rounds, and reads the tokens/s that sample prints to stderr (generation only, not start-up). One
 prompt, one sample, --max-new-tokens tokens at the default temperature with a fixed seed, so both
-sides generate the same number of tokens (checked). Prints best and median tokens/s per side and
-the ratio of the bests.
+sides generate the same number of tokens (checked). Prints best and median tokens/s per side, the
+ratio of the bests and of the medians, and the median of each round's ratio (a round's two runs sit
+side by side in time, so a slow spell of a shared machine moves both).
 """
 
 import argparse
@@ -72,9 +73,11 @@ def main() -> None:
             for side, values in rates.items():
                 best, median = max(values), statistics.median(values)
                 print(f"{preset:14s} {side:14s} best {best:5.0f} tokens/s, median {median:5.0f} ({values})")
-            ratio = max(rates["this checkout"]) / max(rates["baseline"])
-            tokens = counts.pop()
-            print(f"{preset:14s} new / baseline {ratio:.2f}x (best of {args.repeats}, {tokens} tokens)")
+            new, old = rates["this checkout"], rates["baseline"]
+            paired = statistics.median(a / b for a, b in zip(new, old, strict=True))
+            print(f"{preset:14s} new / baseline {max(new) / max(old):.2f}x (best of {args.repeats}, "
+                  f"{counts.pop()} tokens); medians {statistics.median(new) / statistics.median(old):.2f}x; "
+                  f"median of the rounds' ratios {paired:.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """OpenAI's legacy completions API over HTTP: request and response bodies (also the OpenAPI schema),
-their translation to and from the engine's requests and completions, and the guards in front
-(body size limit, API key, OpenAI's error object for every failure).
+their translation to and from the engine's requests and completions (a stream's server-sent events
+too), and the guards in front (body size limit, API key, OpenAI's error object for every failure).
 
     prompt        a string, a list of strings, a list of token ids, or a list of such lists
     logprobs 0-5  each token's log-probability and the most probable alternatives, with the tokens'
@@ -17,6 +17,7 @@ from __future__ import annotations
 import codecs
 import hmac
 import logging
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import Request
@@ -335,6 +336,34 @@ def usage(finished: dict[int, Completion], n: int) -> Usage:
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
     )
+
+
+async def sse_chunks(
+    events: AsyncIterator[tuple[int, str, Completion | None]], reply: dict, n: int, include_usage: bool
+) -> AsyncIterator[str]:
+    """A stream's events (choice index, text delta, final Completion or None) in OpenAI's stream
+    format: `data: <chunk JSON>` per delta, a last chunk per choice with its finish_reason, optionally
+    a usage chunk, then `data: [DONE]`. `reply`: the id, created and model every chunk carries."""
+
+    def event(choices: list[Choice], usage_=None) -> str:
+        chunk = CompletionResponse(**reply, choices=choices, usage=usage_)
+        return f"data: {chunk.model_dump_json(exclude=None if usage_ else {'usage'})}\n\n"
+
+    finished: dict[int, Completion] = {}
+    try:
+        async for index, delta, result in events:
+            if delta:
+                yield event([Choice(text=delta, index=index, finish_reason=None)])
+            if result is not None:
+                finished[index] = result
+                yield event([Choice(text="", index=index, finish_reason=result.finish_reason)])
+    except Exception as exc:  # headers are sent: report in-band, as OpenAI does
+        log.exception("generation failed mid-stream")
+        problem = ErrorResponse(error=ErrorBody(message=f"generation failed: {exc}", type="server_error"))
+        yield f"data: {problem.model_dump_json()}\n\n"
+    if include_usage and finished:
+        yield event([], usage(finished, n))
+    yield "data: [DONE]\n\n"
 
 
 # --- the guards and OpenAI's error object for every failure ---

@@ -46,10 +46,8 @@ from smallgpt import api
 from smallgpt.api import (
     ERROR_HANDLERS,
     BodySizeLimit,
-    Choice,
     CompletionRequest,
     CompletionResponse,
-    ErrorBody,
     ErrorResponse,
     RequireApiKey,
     error_response,
@@ -183,7 +181,7 @@ class Server:
             return error_response(429, message, code="server_busy", headers={"Retry-After": "1"})
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
-            chunks = sse_chunks(_chain(first, events), reply, body.n, include_usage)
+            chunks = api.sse_chunks(_chain(first, events), reply, body.n, include_usage)
             return StreamingResponse(chunks, media_type="text/event-stream")
         finished: dict[int, Completion] = {}
         async for index, _, result in _chain(first, events):
@@ -211,31 +209,6 @@ async def _chain(first, events: AsyncIterator) -> AsyncIterator:
         yield first
     async for event in events:
         yield event
-
-
-async def sse_chunks(events, reply: dict, n: int, include_usage: bool) -> AsyncIterator[str]:
-    """OpenAI's stream format: `data: <chunk JSON>` per delta, a last chunk per choice with its
-    finish_reason, optionally a usage chunk, then `data: [DONE]`."""
-
-    def event(choices: list[Choice], usage_=None) -> str:
-        chunk = CompletionResponse(**reply, choices=choices, usage=usage_)
-        return f"data: {chunk.model_dump_json(exclude=None if usage_ else {'usage'})}\n\n"
-
-    finished: dict[int, Completion] = {}
-    try:
-        async for index, delta, result in events:
-            if delta:
-                yield event([Choice(text=delta, index=index, finish_reason=None)])
-            if result is not None:
-                finished[index] = result
-                yield event([Choice(text="", index=index, finish_reason=result.finish_reason)])
-    except Exception as exc:  # headers are sent: report in-band, as OpenAI does
-        log.exception("generation failed mid-stream")
-        problem = ErrorResponse(error=ErrorBody(message=f"generation failed: {exc}", type="server_error"))
-        yield f"data: {problem.model_dump_json()}\n\n"
-    if include_usage and finished:
-        yield event([], api.usage(finished, n))
-    yield "data: [DONE]\n\n"
 
 
 def create_app(
