@@ -43,19 +43,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, StreamingResponse
 
 from smallgpt import api
-from smallgpt.api import (
-    ERROR_HANDLERS,
-    BodySizeLimit,
-    CompletionRequest,
-    CompletionResponse,
-    ErrorResponse,
-    RequireApiKey,
-    error_response,
-)
+from smallgpt.api import CompletionRequest, CompletionResponse, ErrorResponse
 from smallgpt.checkpoint import WEIGHTS_NAME
 from smallgpt.engine import Completion, Engine, Sequence
 from smallgpt.engine import Request as EngineRequest
 from smallgpt.errors import SmallGPTError
+from smallgpt.guards import ERROR_HANDLERS, BodySizeLimit, RequireApiKey, error_response
 from smallgpt.limits import Limits
 from smallgpt.model import GPT
 
