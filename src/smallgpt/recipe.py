@@ -45,6 +45,13 @@ class TrainConfig:
     muon_ns_steps: int = 5  # Newton-Schulz iterations per Muon update (fewer: cheaper, less orthogonal)
     # The token embedding's AdamW peak (muon only; a head tied to it shares it); None = learning_rate
     embedding_lr: float | None = None
+    head_lr: float | None = None  # an untied head's AdamW peak (muon only); None = learning_rate
+    embedding_beta2: float | None = None  # the embedding's AdamW beta2 (muon only); None = beta2
+    # Muon's momentum: start -> peak over the warm-up updates, then (wsd) -> end over the decay
+    muon_momentum: float = 0.95
+    muon_momentum_start: float = 0.95
+    muon_momentum_end: float = 0.95
+    muon_momentum_warmup: int = 0
     min_lr: float = 3e-5  # the floor the schedule decays to (AdamW's; Muon's is in proportion)
     schedule: str = "cosine"  # cosine: warm-up, cosine decay; wsd: warm-up, constant, linear decay
     decay_fraction: float = 0.5  # wsd: the share of the updates spent decaying
@@ -80,6 +87,12 @@ class TrainConfig:
             (self.muon_lr > 0 and math.isfinite(self.muon_lr), "muon_lr must be > 0"),
             (1 <= self.muon_ns_steps <= 20, "muon_ns_steps must be in [1, 20]"),
             (self.embedding_lr is None or self.embedding_lr > 0, "embedding_lr must be > 0 (or none)"),
+            (self.head_lr is None or self.head_lr > 0, "head_lr must be > 0 (or none)"),
+            (self.embedding_beta2 is None or 0 <= self.embedding_beta2 < 1,
+             "embedding_beta2 must be in [0, 1) (or none)"),
+            (all(0 <= m < 1 for m in (self.muon_momentum, self.muon_momentum_start, self.muon_momentum_end)),
+             "muon_momentum, muon_momentum_start and muon_momentum_end must be in [0, 1)"),
+            (self.muon_momentum_warmup >= 0, "muon_momentum_warmup must be >= 0"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
             (0 < self.decay_fraction <= 1, "decay_fraction must be in (0, 1]"),
@@ -111,17 +124,25 @@ TRAIN_PRESETS = {
         warmup_iters=10, eval_interval=50, eval_iters=4, log_interval=10,
     ),
 }  # fmt: skip
-# The modern recipe (Muon + AdamW, warm-up/constant/linear decay to zero); rates from the sweep in
-# benchmarks/RESULTS.md. Same tokens per update and the same evaluation cadence as their seed twins.
+# The modern recipe (Muon + AdamW, warm-up/constant/linear decay over the last 65% to 5%); rates
+# from the sweeps in benchmarks/RESULTS.md, schedules and betas after nanochat's. Same tokens per
+# update and the same evaluation cadence as their seed twins.
 MODERN = dict(
     optimizer="muon",
     schedule="wsd",
     muon_lr=0.04,
     learning_rate=0.012,
     embedding_lr=0.4,  # rows of the embedding see few updates each: they want a far larger step
-    min_lr=0.0,
+    embedding_beta2=0.995,  # ...and a long memory of their squared gradients
+    head_lr=0.02,
+    decay_fraction=0.65,
+    min_lr=0.0006,  # 5% of learning_rate
     beta1=0.8,
     beta2=0.95,
+    muon_momentum_start=0.85,  # Muon's momentum: 0.85 -> 0.97 over 100 updates, -> 0.90 in the decay
+    muon_momentum=0.97,
+    muon_momentum_end=0.90,
+    muon_momentum_warmup=100,
     weight_decay=0.0,
     grad_clip=0.0,
 )
