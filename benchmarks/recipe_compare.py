@@ -4,6 +4,8 @@
     .venv/bin/python benchmarks/recipe_compare.py --tokens 0.2 0.6 2 --json
     .venv/bin/python benchmarks/recipe_compare.py --presets tiny-modern --set muon_lr=0.04   (one sweep point)
     .venv/bin/python benchmarks/recipe_compare.py --tokens 2 --parallel          (presets side by side)
+    .venv/bin/python benchmarks/recipe_compare.py --presets tiny-modern:previous tiny-modern --parallel
+                                                   (the modern recipe before issue 22 against today's)
     .venv/bin/python benchmarks/recipe_compare.py --presets smallgpt-10m smallgpt-10m-modern --tokens 0.2 \
         --data MIXCORPUS_DIR --val-tokens 65536 --set warmup_iters=3 --parallel   (the seed's shape)
 
@@ -34,17 +36,29 @@ from smallgpt.evaluate import full_pass_loss
 from smallgpt.recipe import resolve_config
 from smallgpt.train import Trainer
 
+# `PRESET:previous`: the modern recipe as it was before issue 22's changes (plain qwen3 and its
+# initialisation, linear decay to zero over the last half, one AdamW rate for the head and the gains,
+# Muon's momentum fixed at 0.95), for side-by-side runs against the preset as it is now.
+PREVIOUS_MODERN = {
+    "arch": "qwen3", "decay_fraction": 0.5, "min_lr": 0.0, "head_lr": None, "embedding_beta2": None,
+    "muon_momentum": 0.95, "muon_momentum_start": 0.95, "muon_momentum_end": 0.95, "muon_momentum_warmup": 0,
+}  # fmt: skip
+
 
 def run_once(
     preset: str, tokens: float, data: Path, overrides: dict[str, str], val_tokens: int | None = None
 ) -> dict:
     """Train `preset` for `tokens` tokens; its final validation loss (over the first `val_tokens`
     of the split, default all of it) and timings."""
-    probe = resolve_config(preset, overrides=overrides)
+    name, _, variant = preset.partition(":")
+    if variant not in ("", "previous"):
+        raise SystemExit(f"unknown recipe variant {variant!r} (known: previous)")
+    settings = {**PREVIOUS_MODERN, **overrides} if variant else overrides
+    probe = resolve_config(name, overrides=settings)
     per_update = probe.train.batch_size * probe.model.block_size
     updates = max(1, round(tokens / per_update))
     quiet = {"eval_interval": updates, "sample_tokens": 0, "device": "cpu"}  # one checkpoint, at the end
-    run = resolve_config(preset, overrides={**overrides, **quiet, "max_iters": updates})
+    run = resolve_config(name, overrides={**settings, **quiet, "max_iters": updates})
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(run, data, Path(out), Runtime(0, 0, 1, torch.device("cpu")), Console(quiet=True))
         started, cpu_started = time.perf_counter(), time.process_time()
