@@ -4,9 +4,11 @@
   the `cli` fixture runs it in the test's own process, faster;
 - `single_thread` (automatic): every test runs torch on one thread, like its subprocesses;
 - `write_data(dir)` / the `tiny_data` fixture: a small prepared-data directory;
-- `shared_data`: the benchmark corpora beside the checkout, or a clean skip.
+- `shared_data`: the benchmark corpora beside the checkout, or a clean skip;
+- `no_space()`: raises what a full disk raises, for tests that make one write fail.
 """
 
+import errno
 import os
 import subprocess
 import sys
@@ -37,6 +39,11 @@ def smallgpt(*args: str, timeout: float = 300, **kwargs) -> subprocess.Completed
         timeout=timeout,
         **kwargs,
     )
+
+
+def no_space(*args, **kwargs):
+    """Stand in for a write on a full disk."""
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, message: str = "") -> None:

@@ -15,6 +15,7 @@ from smallgpt import checkpoint
 from smallgpt import train as training
 from smallgpt.checkpoint import (
     TRAINER_NAME,
+    RunStart,
     load_checkpoint,
     load_model,
     prune_checkpoints,
@@ -104,7 +105,7 @@ def test_damaged_checkpoint_is_refused_on_resume(finished_run, tmp_path, damage,
     else:  # an object weights_only loading must not unpickle
         torch.save({"optimizer": NotATensor()}, newest / TRAINER_NAME)
     with pytest.raises(SmallGPTError, match=message):
-        train(tiny_run(max_iters=20, eval_interval=5), data, run, resume=True)
+        train(tiny_run(max_iters=20, eval_interval=5), data, run, start=RunStart.resume(run))
 
 
 def test_cli_refuses_a_truncated_checkpoint_in_one_line(finished_run, tmp_path):
@@ -125,17 +126,17 @@ def test_incompatible_configs_are_refused(finished_run, tmp_path):
         f"error: checkpoint {step_checkpoints(run)[-1]} has an incompatible model config: n_layer=1 (not 2)"
     )
     with pytest.raises(SmallGPTError, match=r"incompatible model config: n_embd=32 \(not 64\)"):
-        train(tiny_run(n_embd=64), data, tmp_path / "finetune", init_from=run)
+        train(tiny_run(n_embd=64), data, tmp_path / "finetune", start=RunStart.init_from(run))
     foreign = tmp_path / "foreign.safetensors"
     save_file({"w": torch.zeros(2)}, str(foreign))
     with pytest.raises(SmallGPTError, match="not a SmallGPT checkpoint"):
-        train(tiny_run(), data, tmp_path / "finetune2", init_from=foreign)
+        train(tiny_run(), data, tmp_path / "finetune2", start=RunStart.init_from(foreign))
 
 
 def test_init_from_starts_from_the_checkpoint_weights(finished_run, tmp_path):
     data, run = finished_run
     settings = tiny_run(max_iters=1, learning_rate=1e-9, min_lr=0, dropout=0.1)
-    result = train(settings, data, tmp_path / "ft", init_from=run)
+    result = train(settings, data, tmp_path / "ft", start=RunStart.init_from(run))
     start, tuned = load_model(run), load_model(tmp_path / "ft" / "checkpoints" / "step-0000001")
     assert result.step == 1 and tuned.config.dropout == 0.1  # dropout may change: it has no weights
     for (name, a), (_, b) in zip(start.named_parameters(), tuned.named_parameters(), strict=True):
@@ -232,7 +233,7 @@ def test_a_kill_between_best_and_checkpoint_never_leaves_a_false_best(tmp_path, 
     assert newest["step"] == 5 and json.loads((run / "best" / "state.json").read_text())["step"] == 10
     assert best_loss(run) <= newest["best_val_loss"]  # best/ is ahead, never behind
     monkeypatch.setattr(training, "save_checkpoint", real_save)
-    train(tiny_run(max_iters=20, eval_interval=5), data, run, resume=True)
+    train(tiny_run(max_iters=20, eval_interval=5), data, run, start=RunStart.resume(run))
     evals = [r["val_loss"] for r in metrics(run, "eval") if not r.get("final")]
     final_state = load_checkpoint(step_checkpoints(run)[-1])[0]
     assert best_loss(run) == min(evals) == final_state["best_val_loss"]
@@ -262,6 +263,16 @@ def test_resume_trains_on_the_runs_own_data_and_refuses_other_data(finished_run,
     (newest / "state.json").write_text(json.dumps(state))
     with pytest.raises(SmallGPTError, match="does not record its training data .*: give --data"):
         train_command(["max_iters=14"], out=str(run), resume=True)
+
+
+def test_resume_reads_the_checkpoint_once(finished_run, tmp_path, monkeypatch):
+    """runs.py decides the start and the Trainer applies it: trainer.pt is loaded one time, not twice."""
+    data, run = copy_run(finished_run, tmp_path)
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *args, **kw: loads.append(args[0]) or real_load(*args, **kw))
+    assert train_command(["max_iters=11"], out=str(run), resume=True).step == 11
+    assert loads == [step_checkpoints(run)[-2] / TRAINER_NAME]
 
 
 def test_a_longer_max_iters_on_resume_keeps_the_schedule(finished_run, tmp_path):

@@ -2,7 +2,9 @@
 kind ending in one `error: ...` line (the `cli` fixture runs the command in-process, so an uncaught
 exception fails the test with its traceback; a few cases also run in a real process)."""
 
+import errno
 import json
+import os
 
 import numpy as np
 import pytest
@@ -24,7 +26,7 @@ COMMAND_OPTIONS = {
     "plot": [],
     "sample": ["--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--int8"],
     "serve": ["--host", "--port", "--device"],
-    "export": ["--out", "--force"],
+    "export": ["--out", "--format", "--type", "--force"],
     "import": ["--out", "--force"],
 }
 
@@ -193,3 +195,17 @@ def test_bad_input_in_a_real_process_has_no_traceback(smallgpt, tmp_path):
     result = smallgpt("prepare", "default", "--out", str(tmp_path), "--seed", "-1")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip() == "error: --seed must be in [0, 2**63), not -1"
+
+
+def test_a_full_disk_where_no_module_expects_a_write_is_still_one_line(cli, monkeypatch):
+    """A write outside smallgpt's own outputs (a library's cache, say) that meets a full disk."""
+
+    def full_cache(text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/home/me/.cache/x")
+
+    monkeypatch.setattr("smallgpt.tokenizer.encode", full_cache)
+    message = "error: cannot write /home/me/.cache/x: No space left on device\n"
+    assert cli("tokenize", "hi") == (1, "", message)
+    monkeypatch.setattr("smallgpt.tokenizer.encode", lambda text: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # a bug still shows its traceback
+        cli("tokenize", "hi")

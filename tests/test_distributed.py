@@ -24,6 +24,7 @@ from training_helpers import (
 )
 
 from smallgpt import distributed
+from smallgpt.checkpoint import RunStart
 from smallgpt.errors import SmallGPTError
 from smallgpt.monitor import RunMonitor, datasheet_peak
 from smallgpt.runs import train_command
@@ -59,7 +60,7 @@ def test_two_gloo_processes_match_one_process_with_doubled_accumulation(tmp_path
     resumed = tmp_path / "resumed"
     shutil.copytree(ddp, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step-0000020")
-    train(tiny_run(**settings), data, resumed, resume=True)
+    train(tiny_run(**settings), data, resumed, start=RunStart.resume(resumed))
     assert_close_weights(final_weights(resumed), final_weights(single))
 
 

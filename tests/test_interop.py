@@ -2,10 +2,11 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import smallgpt
+from conftest import no_space, smallgpt
 from safetensors.torch import load_file, save_file
 from test_model import SMALL, hf_gpt2
 
@@ -292,3 +293,23 @@ def test_force_replaces_only_the_files_the_command_writes(tmp_path, monkeypatch)
                 work / "run",
                 force=True,
             )
+
+
+def test_a_full_disk_leaves_the_previous_export_whole(tmp_path, monkeypatch, cli):
+    """The files are all written before any replaces its old version: config.json, written last,
+    refused by a full disk, and the directory still holds the first export, byte for byte."""
+    save_weights(random_smallgpt(), tmp_path / "first.safetensors")
+    save_weights(random_smallgpt(n_layer=1), tmp_path / "second.safetensors")
+    export_to_hf(tmp_path / "first.safetensors", tmp_path / "hf")
+    first = {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()}
+    real_write_bytes = Path.write_bytes
+
+    def write_bytes(path, data):
+        return no_space() if path.name.startswith(".config.tmp-") else real_write_bytes(path, data)
+
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    code, _, err = cli(
+        "export", str(tmp_path / "second.safetensors"), "--out", str(tmp_path / "hf"), "--force"
+    )
+    assert code == 1 and err == f"error: cannot write {tmp_path}/hf/config.json: No space left on device\n"
+    assert {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()} == first

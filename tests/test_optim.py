@@ -14,7 +14,7 @@ from training_helpers import (
     write_data,
 )
 
-from smallgpt.checkpoint import load_checkpoint, step_checkpoints
+from smallgpt.checkpoint import RunStart, load_checkpoint, step_checkpoints
 from smallgpt.model import GPT
 from smallgpt.optim import learning_rate_at, lr_factor, make_optimizer, muon_momentum_at, set_learning_rates
 from smallgpt.recipe import TrainConfig, resolve_config
@@ -104,7 +104,7 @@ def test_muon_run_resumes_bit_for_bit_from_its_checkpoint(tmp_path):
     resumed = tmp_path / "resumed"
     shutil.copytree(reference, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step-0000020")
-    train(run, data, resumed, resume=True)
+    train(run, data, resumed, start=RunStart.resume(resumed))
     expected, got = final_weights(reference), final_weights(resumed)
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
 

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import smallgpt
+from conftest import no_space, smallgpt
 
 from smallgpt import prepare, sources
 from smallgpt.errors import SmallGPTError
@@ -363,6 +363,27 @@ def test_interrupted_run_leaves_nothing_and_keeps_the_last_good_output(tmp_path,
     with pytest.raises(KeyboardInterrupt):
         prepare_corpus(source, fresh, val_fraction=0, show_progress=False)
     assert not fresh.exists()
+
+
+@pytest.mark.parametrize("stage", ["append", "close"])
+def test_a_full_disk_keeps_the_last_good_output_and_leaves_no_temporary(tmp_path, monkeypatch, stage):
+    """Tokens refused while the corpus is read, or at the flush before the renames: the data
+    prepared before (replaced with --force) stays whole, and no temporary is left."""
+    source, _ = make_source("jsonl", tmp_path)
+    out = tmp_path / "out"
+    prepare_corpus(source, out, val_fraction=0.5, max_docs=5, show_progress=False)
+    good = {name: (out / name).read_bytes() for name in leftovers(out)}
+    real = getattr(prepare.SplitWriter, stage)
+
+    def write_then_refuse(writer, *args):
+        real(writer, *args)  # part of it may reach the disk
+        if writer.final_path.name == "val.bin":  # train.bin went through: it must not replace the old
+            no_space()
+
+    monkeypatch.setattr(prepare.SplitWriter, stage, write_then_refuse)
+    with pytest.raises(SmallGPTError, match=f"^cannot write to {out}: No space left on device$"):
+        prepare_corpus(source, out, force=True, show_progress=False)
+    assert {name: (out / name).read_bytes() for name in leftovers(out)} == good
 
 
 def test_default_corpus_is_prepared_once_into_the_cache(tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -66,6 +67,15 @@ def resolve_weights(path: str | Path) -> Path:
         if candidate.is_file():
             return candidate
     raise SmallGPTError(f"no {WEIGHTS_NAME} in {path} (expected a run or checkpoint directory)")
+
+
+def is_smallgpt_checkpoint(path: str | Path) -> bool:
+    """Whether `path` (a weights file, a checkpoint or a run dir) holds SmallGPT weights."""
+    try:
+        read_model_config(resolve_weights(path))
+    except SmallGPTError:
+        return False
+    return True
 
 
 def read_model_config(weights: Path) -> ModelConfig:
@@ -198,7 +208,8 @@ def save_checkpoint(directory: Path, model: GPT, trainer_state: dict, state: dic
 
     def write(tmp: Path) -> None:
         save_weights(model, tmp / WEIGHTS_NAME)
-        torch.save(trainer_state, tmp / TRAINER_NAME)
+        with open(tmp / TRAINER_NAME, "wb") as file:  # a Python file: a full disk surfaces as its OSError
+            torch.save(trainer_state, file)
         (tmp / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
 
     atomic_write_dir(directory, write)
@@ -247,13 +258,46 @@ def saved_best_loss(run_dir: Path) -> float:
     return loss if type(loss) is float else math.inf
 
 
+@dataclass(frozen=True)
+class RunStart:
+    """Where a run's weights and counters come from: nothing (a new run), the newest step checkpoint
+    of its run dir (`--resume`, read once here), or a weights file (`--init-from`).
+
+    `smallgpt.runs` decides which from the command line; `Trainer` applies it.
+    """
+
+    checkpoint: Path | None = None  # --resume: the step checkpoint continued...
+    state: dict | None = None  # ...its state.json (step, config, sampler, data, best loss)...
+    trainer_state: dict | None = None  # ...and its trainer.pt (optimizer, gradient scaler)
+    weights: Path | None = None  # --init-from: the weights file the new run starts from
+
+    @classmethod
+    def resume(cls, run_dir: str | Path) -> RunStart:
+        checkpoints = step_checkpoints(Path(run_dir))
+        if not checkpoints:
+            raise SmallGPTError(f"nothing to resume in {run_dir}: it has no checkpoints")
+        state, trainer_state = load_checkpoint(checkpoints[-1])
+        return cls(checkpoints[-1], state, trainer_state)
+
+    @classmethod
+    def init_from(cls, source: str | Path) -> RunStart:
+        return cls(weights=resolve_weights(source))
+
+    @property
+    def resumes(self) -> bool:
+        return self.checkpoint is not None
+
+
 def step_checkpoints(run_dir: Path) -> list[Path]:
     """The run's step checkpoints, oldest first (hidden half-written temporaries are not listed)."""
     return sorted(p for p in (run_dir / "checkpoints").glob("step-*") if p.is_dir())
 
 
-def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    """Delete all but the newest `keep` step checkpoints, and temporaries left by a killed run."""
-    for old in step_checkpoints(run_dir)[:-keep]:
+def prune_checkpoints(run_dir: Path, keep: int) -> bool:
+    """Delete all but the newest `keep` step checkpoints, and temporaries left by a killed run;
+    says whether there was a checkpoint to delete."""
+    pruned = step_checkpoints(run_dir)[:-keep]
+    for old in pruned:
         shutil.rmtree(old, ignore_errors=True)
     remove_temporaries(run_dir / "checkpoints")
+    return bool(pruned)

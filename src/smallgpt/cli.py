@@ -7,6 +7,7 @@ status 1 (`main` below); usage mistakes get typer's usage message and exit statu
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from typing import Annotated, Optional
@@ -16,7 +17,9 @@ from rich.console import Console
 from rich.table import Table
 
 from smallgpt import __version__
-from smallgpt.errors import SmallGPTError
+from smallgpt.config import DEFAULT_PRESET, PRESETS
+from smallgpt.errors import SmallGPTError, os_reason
+from smallgpt.files import os_error_behind
 
 app = typer.Typer(
     name="smallgpt",
@@ -28,6 +31,7 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+PRESET_HELP = f"Model preset: {', '.join(PRESETS)} [default: {DEFAULT_PRESET}]."
 
 
 def _version(value: bool) -> None:
@@ -166,10 +170,7 @@ def model(
     ctx: typer.Context,
     preset: Annotated[
         Optional[str],
-        typer.Option(
-            help="Model preset: tiny, tiny-modern, smallgpt-10m, smallgpt-10m-modern, smallgpt-26m, "
-            "gpt2-124m [default: train's]."
-        ),
+        typer.Option(help=PRESET_HELP),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
@@ -227,9 +228,7 @@ def train(
     config: Annotated[Optional[str], typer.Option("--config", help="TOML file of settings.")] = None,
     preset: Annotated[
         Optional[str],
-        typer.Option(
-            help="tiny (default), tiny-modern, smallgpt-10m, smallgpt-10m-modern, smallgpt-26m, gpt2-124m."
-        ),
+        typer.Option(help=PRESET_HELP),
     ] = None,
     data: Annotated[
         Optional[str],
@@ -252,7 +251,7 @@ def train(
 ) -> None:
     """Train a model; any setting can follow as key=value or --key value (e.g. max_iters=2000).
 
-    With no arguments: the tiny-modern preset on the bundled corpus, ending with a generated sample.
+    With no arguments: the default preset (see --preset) on the bundled corpus, ending with a sample.
     Under `torchrun --nproc_per_node=N` the same command trains on N processes (DDP).
     """
     from smallgpt.runs import train_command
@@ -442,10 +441,30 @@ def serve(
 @app.command()
 def export(
     checkpoint: Annotated[str, typer.Argument(help="Run dir, checkpoint dir or .safetensors file.")],
-    out: Annotated[str, typer.Option("--out", help="Hugging Face model directory to write.")],
+    out: Annotated[
+        str, typer.Option("--out", help="Model directory to write (with --format gguf: a .gguf file).")
+    ],
+    file_format: Annotated[
+        str, typer.Option("--format", help="hf: a Hugging Face directory; gguf: one file for llama.cpp.")
+    ] = "hf",
+    gguf_type: Annotated[
+        Optional[str], typer.Option("--type", help="GGUF weights: f16 (default), f32 or q8_0 (8-bit).")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it holds an export.")] = False,
 ) -> None:
-    """Write a checkpoint as a Hugging Face GPT-2 model directory (weights, config, tokenizer)."""
+    """Write a checkpoint as a Hugging Face model directory (weights, config, tokenizer) or a GGUF file."""
+    if file_format == "gguf":
+        from smallgpt.interop_gguf import DEFAULT_TYPE, export_to_gguf
+
+        export_to_gguf(checkpoint, out, type_name=gguf_type or DEFAULT_TYPE, force=force)
+        console.print(f"exported {checkpoint} -> {out}", highlight=False, soft_wrap=True)
+        run = f'llama-completion -m {out} -no-cnv -p "Once upon a time"'
+        console.print(f"run it with llama.cpp: {run}", highlight=False, soft_wrap=True)
+        return
+    if file_format != "hf":
+        raise SmallGPTError(f"unknown --format {file_format!r}; choose hf or gguf")
+    if gguf_type is not None:
+        raise SmallGPTError("--type sets the weights of a GGUF file: use it with --format gguf")
     from smallgpt.interop import export_to_hf
 
     export_to_hf(checkpoint, out, force=force)
@@ -473,14 +492,10 @@ def _refuse_smallgpt_checkpoint(path: str) -> None:
     """`import` reads Hugging Face directories; a SmallGPT run or checkpoint needs no conversion."""
     from pathlib import Path
 
-    from smallgpt.checkpoint import read_model_config, resolve_weights
+    from smallgpt.checkpoint import is_smallgpt_checkpoint
 
-    if not Path(path).is_dir():
-        return  # a Hub model id, or a file (refused by the import itself)
-    try:
-        read_model_config(resolve_weights(path))
-    except SmallGPTError:
-        return  # not a SmallGPT checkpoint (or not a local path): a Hugging Face model, presumably
+    if not Path(path).is_dir() or not is_smallgpt_checkpoint(path):
+        return  # a Hub model id, a file (refused by the import itself), or a Hugging Face directory
     raise SmallGPTError(
         f"{path} is already a SmallGPT checkpoint; use it directly (smallgpt sample {path}, "
         f"smallgpt train --init-from {path}), or `smallgpt export` it for Hugging Face"
@@ -492,8 +507,17 @@ def main() -> None:
     try:
         app()
     except SmallGPTError as exc:
-        err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(1)
+        _fail(str(exc))
+    except Exception as exc:  # a full or read-only disk where no module expected a write (a cache, ...)
+        error = os_error_behind(exc)
+        if error is None or error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        _fail(f"cannot write {error.filename or 'an output'}: {os_reason(error)}")
     except KeyboardInterrupt:
         err_console.print("interrupted", markup=False)
         sys.exit(130)
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    sys.exit(1)

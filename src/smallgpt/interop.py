@@ -10,7 +10,7 @@ imported weights, the tokenizer files, and the output directory's handling.
 generation config, tokenizer); `import_from_hf` reads such a directory into a SmallGPT checkpoint.
 Neither needs `transformers` itself: the files are plain JSON and safetensors. An option one side
 cannot express is refused with a reason, never silently dropped, so a converted model computes
-exactly what the original did.
+exactly what the original did. `smallgpt.interop_gguf` writes llama.cpp's GGUF from the same mappings.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from safetensors.torch import load_file, save_file
 
 from smallgpt import interop_gpt2, interop_qwen3
 from smallgpt.architectures import FOLDED_AT_EXPORT
-from smallgpt.checkpoint import WEIGHTS_NAME, load_model, read_model_config, save_weights
+from smallgpt.checkpoint import WEIGHTS_NAME, is_smallgpt_checkpoint, load_model, save_weights
 from smallgpt.config import GPT2_VOCAB_SIZE, ModelConfig
 from smallgpt.errors import SmallGPTError, first_line
-from smallgpt.files import atomic_write_file, make_dir
+from smallgpt.files import atomic_write_files, make_dir
 from smallgpt.model import GPT
 from smallgpt.tokenizer import EOT_ID, EOT_TOKEN, verified_bytes
 
@@ -100,7 +100,7 @@ def _check_vocabulary(vocab_size: int, what: str) -> None:
 def export_to_hf(checkpoint: str | Path, out_dir: str | Path, *, force: bool = False) -> Path:
     """Write a SmallGPT checkpoint as a Hugging Face GPT-2 or Qwen3 directory: weights, configs, tokenizer."""
     out = _claim_output_dir(out_dir, force, EXPORT_FILES)
-    if (out / WEIGHTS_NAME).is_file() and _is_smallgpt_checkpoint(out / WEIGHTS_NAME):
+    if (out / WEIGHTS_NAME).is_file() and is_smallgpt_checkpoint(out / WEIGHTS_NAME):
         raise SmallGPTError(f"--out {out} holds a SmallGPT checkpoint, which export would overwrite")
     model = load_model(checkpoint)
     mapping = mapping_for(model.config)
@@ -263,19 +263,11 @@ def _claim_output_dir(out_dir: str | Path, force: bool, names: tuple[str, ...]) 
     return out
 
 
-def _is_smallgpt_checkpoint(path: Path) -> bool:
-    try:
-        read_model_config(path)
-    except SmallGPTError:
-        return False
-    return True
-
-
 def _write_outputs(out: Path, writers: dict) -> None:
-    """Create `out` and write each file via `writers[name](path)`, atomically, touching nothing else."""
+    """Create `out` and write each file via `writers[name](path)`, touching nothing else: all of them are
+    on disk before any replaces an old one, so a full disk leaves a previous export whole."""
     make_dir(out, "--out directory")
-    for name, write in writers.items():
-        atomic_write_file(out / name, write)
+    atomic_write_files(out, writers)
 
 
 def _read_json(path: Path) -> dict:

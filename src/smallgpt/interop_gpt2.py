@@ -38,6 +38,11 @@ FIXED_OPTIONS = {
 }
 
 
+def hf_name(name: str) -> str:
+    """`GPT2LMHeadModel`'s name for one of our parameters: the same, as SmallGPT keeps GPT-2's names."""
+    return name
+
+
 def config_from_hf(hf_config: dict, vocab_multiple: int = 64) -> ModelConfig:
     """A SmallGPT config for a GPT-2 `config.json` (as a dict); refuses GPT-2 variants we cannot run."""
     defaults = {

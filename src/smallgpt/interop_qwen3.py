@@ -56,6 +56,7 @@ FIXED_OPTIONS = {
 
 
 def hf_name(name: str) -> str:
+    """`Qwen3ForCausalLM`'s name for one of our parameters."""
     if name in GLOBAL_NAMES:
         return GLOBAL_NAMES[name]
     layer, rest = re.fullmatch(r"transformer\.h\.(\d+)\.(.+)", name).groups()

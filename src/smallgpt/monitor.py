@@ -9,7 +9,9 @@ peak is known (`datasheet_peak`), MFU against it is reported beside, labelled, a
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from smallgpt.evaluate import perplexity
+from smallgpt.files import WriteError, atomic_write_text, writing
 from smallgpt.plot import METRICS_NAME, plot_run, read_metrics
 
 
@@ -67,7 +70,7 @@ def trim_metrics(run_dir: Path, last_step: int) -> None:
     path = run_dir / METRICS_NAME
     if path.is_file():
         kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= last_step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def _tensorboard_writer(run_dir: Path):
@@ -135,15 +138,25 @@ class RunMonitor:
         self.measure_peak = measure_peak
         self.peak_flops = measure_peak() if enabled else 1.0
         self.last_step, self.last_time = start_step, time.perf_counter()
-        self.metrics = open(run_dir / METRICS_NAME, "a") if enabled else None  # noqa: SIM115
+        with writing(run_dir / METRICS_NAME):
+            self.metrics = open(run_dir / METRICS_NAME, "a") if enabled else None  # noqa: SIM115
         self.tensorboard = _tensorboard_writer(run_dir) if enabled else None
         self.progress = progress_display(console, enabled)
         self.task = self.progress.add_task("step", total=max_steps, completed=start_step, status="")
         self.progress.start()
 
+    def _check_not_deleted(self) -> None:
+        """Stop in one line when the run directory (or its metrics.jsonl) was deleted under the run:
+        appending to a file with no name left would lose every record without an error."""
+        if os.fstat(self.metrics.fileno()).st_nlink == 0:
+            gone = self.run_dir / METRICS_NAME if self.run_dir.is_dir() else self.run_dir
+            raise WriteError(gone, f"{gone} was deleted during the run")
+
     def _record(self, record: dict) -> None:
-        self.metrics.write(json.dumps(record) + "\n")
-        self.metrics.flush()
+        self._check_not_deleted()
+        with writing(self.run_dir / METRICS_NAME):
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
         if self.tensorboard is not None:
             for key, value in record.items():
                 if key not in ("kind", "step", "tokens"):
@@ -182,6 +195,7 @@ class RunMonitor:
             f"step {step}: {what}: loss {val_loss:.4f}, perplexity {perplexity(val_loss):.1f}",
             highlight=False,
         )
+        self._check_not_deleted()  # then the plot can read what was recorded
         plot_run(self.run_dir)
 
     def pass_progress(self, what: str) -> PassProgress:
@@ -191,6 +205,7 @@ class RunMonitor:
     def close(self) -> None:
         self.progress.stop()
         if self.metrics is not None:
-            self.metrics.close()
+            with contextlib.suppress(OSError):  # a record the disk refused was reported already
+                self.metrics.close()
         if self.tensorboard is not None:
             self.tensorboard.close()

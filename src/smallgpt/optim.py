@@ -22,11 +22,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:  # recipe imports nothing from here at runtime; annotations only
+if TYPE_CHECKING:  # recipe.py imports this module's names at runtime, so these are annotations only
     from smallgpt.model import GPT
     from smallgpt.recipe import TrainConfig
 
-OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd")
 
 
@@ -66,19 +65,26 @@ def muon_parameters(model: GPT) -> list[torch.nn.Parameter]:
     return [p for p in model.transformer.h.parameters() if p.dim() == 2 and p.requires_grad]
 
 
-def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW | Optimizers:
-    """The recipe's optimizer: AdamW, or Muon + AdamW stepped as one."""
+def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer | Optimizers:
+    """The recipe's optimizer (`TrainConfig.optimizer` names a row of `OPTIMIZERS`)."""
     params = [p for p in model.parameters() if p.requires_grad]  # a tied head appears once
     # One fused AdamW kernel over all its parameters: on GPUs, and on CPUs (3x faster than the
     # loop-per-tensor version for smallgpt-10m here); MPS keeps the default.
     fused = True if device.type in ("cuda", "cpu") else None
-    betas = (cfg.beta1, cfg.beta2)
-    if cfg.optimizer == "adamw":
-        groups = [  # weight decay on matrices (matmul weights, embeddings), none on biases and norms
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, fused=fused)
+    return OPTIMIZERS[cfg.optimizer](model, params, cfg, fused)
+
+
+def _adamw(model: GPT, params: list, cfg: TrainConfig, fused: bool | None) -> torch.optim.AdamW:
+    """The seed's: AdamW everywhere, weight decay on matrices (matmul weights, embeddings) only."""
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def _muon(model: GPT, params: list, cfg: TrainConfig, fused: bool | None) -> Optimizers:
+    """The modern one: Muon for the blocks' matrices, AdamW for the rest, stepped as one."""
     matrices = muon_parameters(model)
     embedding = model.transformer.wte.weight
     head = [] if model.config.architecture.tied_head else [model.lm_head.weight]
@@ -101,8 +107,12 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.
         {"params": rest},
     ]
     groups = [group for group in groups if group["params"]]
+    betas = (cfg.beta1, cfg.beta2)
     adamw = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, weight_decay=0.0, fused=fused)
     return Optimizers(muon, adamw)
+
+
+OPTIMIZERS = {"adamw": _adamw, "muon": _muon}  # TrainConfig.optimizer -> its builder
 
 
 def set_learning_rates(optimizer: torch.optim.Optimizer | Optimizers, cfg: TrainConfig, step: int) -> None:

@@ -28,7 +28,7 @@ from rich.table import Table
 
 from smallgpt.config import check_seed
 from smallgpt.errors import SmallGPTError, os_reason
-from smallgpt.files import atomic_write_text, fsync_path, make_dir
+from smallgpt.files import atomic_write_text, fsync_path, make_dir, writing
 from smallgpt.sources import REPLACEMENTS, document_batches, open_source
 from smallgpt.tokenizer import EOT_ID, get_tokenizer, tokenizer_hash
 
@@ -73,10 +73,11 @@ def data_dir_for(data: str | Path | None, *, raw_files: bool = False) -> Path:
 
 def default_data_dir(*, force: bool = False) -> Path:
     """The bundled corpus, prepared into the cache on first use and reused afterwards (`--data default`)."""
-    out_dir = cache_dir() / "data" / "default"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_dir(cache_dir() / "data" / "default", "cache directory")
     # Several processes (DDP ranks) may ask at once: the first prepares, the others wait and reuse.
-    with open(out_dir / ".lock", "w") as lock:
+    with writing(out_dir / ".lock"):
+        lock = open(out_dir / ".lock", "w")  # noqa: SIM115 (closed by the `with` below)
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         meta_path = out_dir / "meta.json"
         if meta_path.is_file() and not force:
@@ -107,7 +108,7 @@ class SplitWriter:
     def __init__(self, final_path: Path) -> None:
         self.final_path = final_path
         self.tmp_path = final_path.with_name(f".{final_path.name}.tmp-{os.getpid()}")
-        self.file = open(self.tmp_path, "wb")  # noqa: SIM115 (closed in finish/discard)
+        self.file = open(self.tmp_path, "wb")  # noqa: SIM115 (closed in close/discard)
         self.documents = 0
         self.tokens = 0
         self.token_counts = np.zeros(EOT_ID + 1, dtype=np.int64)
@@ -139,13 +140,14 @@ class SplitWriter:
         self.token_counts[:] = 0
         return tokens
 
-    def finish(self) -> None:
+    def close(self) -> None:
+        """Write out the last buffered tokens and flush the file to disk (where a full disk shows)."""
         self.file.close()
         fsync_path(self.tmp_path)
-        self.tmp_path.replace(self.final_path)
 
     def discard(self) -> None:
-        self.file.close()
+        with contextlib.suppress(OSError):  # tokens a full disk refused: they go with the file
+            self.file.close()
         self.tmp_path.unlink(missing_ok=True)
 
 
@@ -328,12 +330,15 @@ def _check_splits(writers: dict[str, SplitWriter], source: str, val_fraction: fl
 
 
 def _publish(out_dir: Path, writers: dict[str, SplitWriter], meta: dict) -> None:
-    """Rename the finished files into place; meta.json goes last and marks the directory complete."""
+    """Rename the finished files into place; meta.json goes last and marks the directory complete.
+    Both splits are on disk before either replaces an old one: a full disk leaves the old data whole."""
     try:
+        for writer in writers.values():
+            writer.close()
         (out_dir / "meta.json").unlink(missing_ok=True)
         for writer in writers.values():
-            writer.finish()
-    except OSError as exc:  # e.g. a directory named train.bin in the way
+            writer.tmp_path.replace(writer.final_path)
+    except OSError as exc:  # a full disk, or a directory named train.bin in the way
         for writer in writers.values():
             writer.discard()
         raise SmallGPTError(f"cannot write to {out_dir}: {os_reason(exc)}") from None

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from smallgpt.config import (
+    DEFAULT_PRESET,
     ModelConfig,
     check_field_types,
     check_seed,
@@ -111,10 +112,6 @@ class TrainConfig:
             if not ok:
                 raise SmallGPTError(f"bad training config: {message}")
 
-
-# What `smallgpt train` trains and `smallgpt model` shows with no --preset: the modern recipe, which
-# reaches a far lower loss than `tiny` in the same minutes on a CPU (benchmarks/RESULTS.md).
-DEFAULT_PRESET = "tiny-modern"
 
 # Presets that have their own recipe; every other model preset trains with the seed's defaults.
 TRAIN_PRESETS = {

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from smallgpt.checkpoint import load_checkpoint, read_model_config, resolve_weights, step_checkpoints
+from smallgpt.checkpoint import RunStart, read_model_config
 from smallgpt.config import parse_overrides
 from smallgpt.errors import SmallGPTError
 from smallgpt.recipe import RunConfig, config_file_keys, resolve_config
@@ -46,12 +46,15 @@ def train_command(
         )
     if resume and init_from is not None:
         raise SmallGPTError("--resume continues a run; --init-from starts a new one: use one of them")
+    start = RunStart()
     if resume:
         if out is None:
             raise SmallGPTError("--resume needs the run: smallgpt train --resume RUN_DIR")
-        state = saved_state(out)
-        saved = RunConfig.from_dict(state["config"])
-        run = keep_schedule(saved, resolve_config(preset, config_file, overrides, base=saved), state["step"])
+        start = RunStart.resume(out)
+        saved = RunConfig.from_dict(start.state["config"])
+        run = keep_schedule(
+            saved, resolve_config(preset, config_file, overrides, base=saved), start.state["step"]
+        )
         if run.train.lr_decay_iters != saved.train.lr_decay_iters and console is not None:
             console.print(
                 f"note: max_iters {saved.train.max_iters} -> {run.train.max_iters} keeps the learning-rate "
@@ -59,10 +62,10 @@ def train_command(
                 highlight=False,
             )
         if data is None:
-            data = recorded_data(out, state)
+            data = recorded_data(out, start.state)
     elif init_from is not None:
-        checkpoint_model = read_model_config(resolve_weights(init_from))
-        run = resolve_config(preset, config_file, overrides, model=checkpoint_model)
+        start = RunStart.init_from(init_from)
+        run = resolve_config(preset, config_file, overrides, model=read_model_config(start.weights))
     else:
         run = resolve_config(preset, config_file, overrides)
     from smallgpt.prepare import data_dir_for
@@ -71,7 +74,7 @@ def train_command(
     out_dir = out if out is not None else Path("runs") / run.preset
     chosen = "micro_batch_size" in overrides or "micro_batch_size" in config_file_keys(config_file)
     return train(
-        run, data, out_dir, resume=resume, init_from=init_from, console=console,
+        run, data, out_dir, start=start, console=console,
         allow_different_data=allow_different_data, fit_micro_batch=not (resume or chosen),
     )  # fmt: skip
 
@@ -94,15 +97,6 @@ def split_cli_args(args: list[str]) -> tuple[list[str], dict[str, str]]:
         else:
             positional.append(word)
     return positional, parse_overrides(pairs)
-
-
-def saved_state(run_dir: str | Path) -> dict:
-    """The state of the newest checkpoint in `run_dir` (step, config, data): what `--resume` continues."""
-    checkpoints = step_checkpoints(Path(run_dir))
-    if not checkpoints:
-        raise SmallGPTError(f"nothing to resume in {run_dir}: it has no checkpoints")
-    state, _ = load_checkpoint(checkpoints[-1])
-    return state
 
 
 def keep_schedule(saved: RunConfig, wanted: RunConfig, step: int) -> RunConfig:

@@ -17,7 +17,9 @@ The loop never waits for the device except at log/eval steps (`.item()`), so a G
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import math
 from contextlib import nullcontext
@@ -33,13 +35,12 @@ from smallgpt import distributed
 from smallgpt.checkpoint import (
     STATE_NAME,
     WEIGHTS_NAME,
+    RunStart,
     check_memory,
     check_run_dir,
-    load_checkpoint,
     load_weights_into,
     prune_checkpoints,
     read_model_config,
-    resolve_weights,
     save_checkpoint,
     save_weights,
     saved_best_loss,
@@ -49,7 +50,7 @@ from smallgpt.config import GPT2_VOCAB_SIZE
 from smallgpt.distributed import Runtime, StopSignal, autocast, pick_dtype
 from smallgpt.errors import SmallGPTError, first_line
 from smallgpt.evaluate import estimate_loss, full_pass_loss, perplexity
-from smallgpt.files import atomic_write_dir, atomic_write_text, remove_temporaries
+from smallgpt.files import WriteError, atomic_write_dir, atomic_write_text, remove_temporaries
 from smallgpt.loader import DeviceBatches, RandomBatches, data_identity, load_split, same_data
 from smallgpt.model import GPT
 from smallgpt.monitor import RunMonitor, datasheet_peak, measure_matmul_peak, trim_metrics
@@ -59,6 +60,8 @@ from smallgpt.recipe import (
     TrainConfig,
     require_same_shape,
 )
+
+NEW_RUN = RunStart()  # a run that starts from freshly initialised weights
 
 
 @dataclass
@@ -72,8 +75,7 @@ class Trainer:
     """One process's share of a run: model, optimizer, data stream, and the loop over updates."""
 
     def __init__(self, run: RunConfig, data_dir: Path, out_dir: Path, runtime: Runtime, console: Console,
-                 *, resume: bool = False, init_from: str | Path | None = None,
-                 allow_different_data: bool = False) -> None:  # fmt: skip
+                 *, start: RunStart = NEW_RUN, allow_different_data: bool = False) -> None:  # fmt: skip
         self.run, self.cfg, self.rt, self.out_dir, self.console = run, run.train, runtime, out_dir, console
         cfg, device = self.cfg, runtime.device
         per_update = cfg.micro_batch_size * runtime.world_size
@@ -98,7 +100,7 @@ class Trainer:
             check_run_dir(out_dir, checkpoint_bytes)
             remove_temporaries(out_dir)  # and put back a best/ a kill left moved aside
             remove_temporaries(out_dir / "checkpoints")
-            if step_checkpoints(out_dir) and not resume:
+            if step_checkpoints(out_dir) and not start.resumes:
                 raise SmallGPTError(
                     f"{out_dir} already holds a run: continue it with --resume or pick another --out"
                 )
@@ -113,12 +115,11 @@ class Trainer:
         sampler = RandomBatches(self.train_tokens, block, micro, cfg.seed, rank, world)
         self.batches = DeviceBatches(sampler, device)
         self.step, self.best_val_loss = 0, math.inf
-        if resume:
-            self._resume(allow_different_data)
-        elif init_from is not None:
-            weights = resolve_weights(init_from)
-            require_same_shape(read_model_config(weights), run.model, weights)
-            load_weights_into(self.model, weights)
+        if start.resumes:
+            self._resume(start, allow_different_data)
+        elif start.weights is not None:
+            require_same_shape(read_model_config(start.weights), run.model, start.weights)
+            load_weights_into(self.model, start.weights)
         self.model.train()
         self.train_model = self.model
         if cfg.compile or (cfg.compile is None and device.type == "cuda"):
@@ -127,27 +128,27 @@ class Trainer:
             ids = [device.index] if device.type == "cuda" else None
             self.train_model = torch.nn.parallel.DistributedDataParallel(self.train_model, device_ids=ids)
         if runtime.is_main:
-            atomic_write_text(out_dir / "config.json", json_dump(run.to_dict()))
+            try:
+                atomic_write_text(out_dir / "config.json", json_dump(run.to_dict()))
+            except WriteError as failure:
+                raise self._stopped_by(failure) from None
 
-    def _resume(self, allow_different_data: bool) -> None:
-        checkpoints = step_checkpoints(self.out_dir)
-        if not checkpoints:
-            raise SmallGPTError(f"nothing to resume in {self.out_dir}: it has no checkpoints")
-        state, trainer_state = load_checkpoint(checkpoints[-1])
-        require_same_shape(RunConfig.from_dict(state["config"]).model, self.run.model, checkpoints[-1])
+    def _resume(self, start: RunStart, allow_different_data: bool) -> None:
+        checkpoint, state = start.checkpoint, start.state
+        require_same_shape(RunConfig.from_dict(state["config"]).model, self.run.model, checkpoint)
         recorded = state.get("data")
         if isinstance(recorded, dict) and not same_data(recorded, self.data) and not allow_different_data:
             raise SmallGPTError(
                 f"{self.out_dir} trained on {recorded.get('path')}, not on {self.data['path']} (other "
                 "tokenizer or token counts): to continue on other data anyway, add --allow-different-data"
             )
-        load_weights_into(self.model, checkpoints[-1] / WEIGHTS_NAME)
+        load_weights_into(self.model, checkpoint / WEIGHTS_NAME)
         try:
-            self.optimizer.load_state_dict(trainer_state["optimizer"])
-            self.scaler.load_state_dict(trainer_state["scaler"])
+            self.optimizer.load_state_dict(start.trainer_state["optimizer"])
+            self.scaler.load_state_dict(start.trainer_state["scaler"])
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:  # a damaged or foreign trainer.pt
             raise SmallGPTError(
-                f"checkpoint {checkpoints[-1]} has a damaged optimizer state ({first_line(exc)})"
+                f"checkpoint {checkpoint} has a damaged optimizer state ({first_line(exc)})"
             ) from None
         self.batches.load_state_dict(state["sampler"])
         self.step = state["step"]
@@ -157,7 +158,7 @@ class Trainer:
         self.best_val_loss = min(self.best_val_loss, saved_best_loss(self.out_dir))
         if self.rt.is_main:
             trim_metrics(self.out_dir, self.step)
-            self.console.print(f"resuming {checkpoints[-1]} at step {self.step}", highlight=False)
+            self.console.print(f"resuming {checkpoint} at step {self.step}", highlight=False)
 
     @property
     def tokens_per_update(self) -> int:
@@ -227,6 +228,8 @@ class Trainer:
                     return TrainResult(self.step, None, interrupted=True)
             final = self._final_pass()
             return TrainResult(self.step, final, interrupted=False)
+        except WriteError as failure:
+            raise self._stopped_by(failure) from None
         finally:
             stop.restore()
             self.monitor.close()
@@ -268,15 +271,31 @@ class Trainer:
 
     def _check_finite(self, value: float, what: str) -> None:
         if not math.isfinite(value):
-            checkpoints = step_checkpoints(self.out_dir)
-            kept = (
-                f"the last good checkpoint is {checkpoints[-1]}"
-                if checkpoints
-                else "no checkpoint was written"
-            )
             raise SmallGPTError(
-                f"{what} became {value} at step {self.step}: stopped; {kept} (try a lower learning_rate)"
+                f"{what} became {value} at step {self.step}: stopped; {self._last_good()} "
+                "(try a lower learning_rate)"
             )
+
+    def _last_good(self) -> str:
+        newest = step_checkpoints(self.out_dir)[-1:]
+        return f"the last good checkpoint is {newest[0]}" if newest else "no checkpoint was written"
+
+    def _stopped_by(self, failure: WriteError) -> WriteError:
+        """A write that failed (full disk, read-only or deleted run dir) ends the run. The updates since
+        the last checkpoint are saved first unless that checkpoint was what failed; the one line then
+        says what could not be written and which checkpoint `--resume` continues from."""
+        checkpoints = self.out_dir / "checkpoints"
+        saved = self.step == 0 or (checkpoints / f"step-{self.step:07d}").is_dir()
+        if not saved and not failure.path.is_relative_to(checkpoints):
+            with contextlib.suppress(WriteError):
+                self._save()
+        resumable = step_checkpoints(self.out_dir)
+        then = f"continue with `smallgpt train --resume {self.out_dir}`" if resumable else "start it again"
+        return WriteError(
+            failure.path,
+            f"{failure}; stopped at step {self.step}, {self._last_good()} ({then} once {self.out_dir} "
+            "can be written)",
+        )
 
     def _evaluate_and_save(self) -> None:
         cfg = self.cfg
@@ -309,9 +328,16 @@ class Trainer:
             "data": self.data,
         }
         trainer_state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
-        save_checkpoint(
-            self.out_dir / "checkpoints" / f"step-{self.step:07d}", self.model, trainer_state, state
-        )
+        directory = self.out_dir / "checkpoints" / f"step-{self.step:07d}"
+        try:
+            save_checkpoint(directory, self.model, trainer_state, state)
+        except WriteError as failure:
+            # A full disk: make now the room the prune below makes after a save (the newest checkpoint
+            # is never touched) and try once more.
+            keep = max(self.cfg.keep_last - 1, 1)
+            if failure.errno != errno.ENOSPC or not prune_checkpoints(self.out_dir, keep):
+                raise
+            save_checkpoint(directory, self.model, trainer_state, state)
         prune_checkpoints(self.out_dir, self.cfg.keep_last)
 
 
@@ -348,8 +374,7 @@ def train(
     data_dir: str | Path,
     out_dir: str | Path,
     *,
-    resume: bool = False,
-    init_from: str | Path | None = None,
+    start: RunStart = NEW_RUN,
     console: Console | None = None,
     allow_different_data: bool = False,
     fit_micro_batch: bool = False,
@@ -365,7 +390,7 @@ def train(
         if fit_micro_batch:
             run = micro_batch_for_world(run, runtime.world_size, console)
         trainer = Trainer(
-            run, Path(data_dir), Path(out_dir), runtime, console, resume=resume, init_from=init_from,
+            run, Path(data_dir), Path(out_dir), runtime, console, start=start,
             allow_different_data=allow_different_data,
         )  # fmt: skip
         result = trainer.fit()
