@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/generate.py              (about 2 minutes on 2 quiet cores)
     .venv/bin/python benchmarks/generate.py --threads 1  (fewer threads help on a busy machine)
     .venv/bin/python benchmarks/generate.py --device cuda
+    .venv/bin/python benchmarks/generate.py --int8-only --threads 2   (int8 vs fp32, both shapes: ~2 minutes)
 
 Prints, each the best of --repeats runs, sampling at temperature 1 from <|endoftext|>:
   - batch 1, 256 new tokens: the figure of issue 5 (target >= 150 tokens/s on the 2-core CPU);
@@ -11,21 +12,27 @@ Prints, each the best of --repeats runs, sampling at temperature 1 from <|endoft
     (positions are learned absolute embeddings; this is the price of sliding exactly);
   - the same past the context with `smallgpt-10m-modern` (rotary positions): its cache rolls, so every
     token costs one position's work (see `smallgpt.kvcache`);
-  - (CPU) batch 1 with int8 weights (`quantize_int8`): a quarter of the bytes to stream per token;
+  - (CPU) int8 weights against fp32 at batch 1, for both shapes (`smallgpt-10m`, `smallgpt-10m-modern`):
+    ours (`quantize_int8`, PyTorch's `_weight_int8pack_mm`) and, if torchao is installed, torchao's
+    `quantize_(model, Int8WeightOnlyConfig())` -- the ecosystem's int8 weight-only path, in eager mode as
+    the engine runs (no torch.compile). `--int8-only` runs just these;
   - peers on the same shape and machine, in the same process: a no-cache sampler that reruns the last
     block_size tokens per new token (nanoGPT's `generate`, head on the last position only), and
     Hugging Face `GPT2LMHeadModel.generate` with its KV cache (if transformers is installed; 255 new
     tokens, as its 256 positions must also hold the prompt). The ratios are steadier than raw rates
     when other jobs share the machine.
 CPU ms/token is the process's CPU time per token: with --threads 1 it is what a quiet core would take.
+The cases run alternately (A, B, C, A, B, C, ...), so a burst of load from elsewhere hits all of them.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import torch
+import torch.nn as nn
 
 from smallgpt.config import get_preset
 from smallgpt.engine import Engine
@@ -34,16 +41,42 @@ from smallgpt.model import GPT
 from smallgpt.tokenizer import EOT_ID
 
 
-def timed(run, repeats: int) -> tuple[float, float]:
-    """(best tokens/s, CPU ms per token of that run) of `run()`, which returns a token count."""
-    best = (0.0, 0.0)
+def timed_alternately(cases: list, repeats: int) -> list[tuple[str, float, float]]:
+    """(name, best tokens/s, CPU ms per token of that run) per (name, run) case; `run()` returns a token
+    count. Round r runs every case once before round r + 1 starts."""
+    best = {name: (0.0, 0.0) for name, _ in cases}
     for _ in range(repeats):
-        wall, cpu = time.perf_counter(), time.process_time()
-        tokens = run()
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        if tokens / wall > best[0]:
-            best = (tokens / wall, 1000 * cpu / tokens)
-    return best
+        for name, run in cases:
+            wall, cpu = time.perf_counter(), time.process_time()
+            tokens = run()
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            if tokens / wall > best[name][0]:
+                best[name] = (tokens / wall, 1000 * cpu / tokens)
+    return [(name, *best[name]) for name, _ in cases]
+
+
+def random_model(preset: str, device: torch.device) -> GPT:
+    """The preset's shape with random weights. The modern recipe starts its head and residual outputs at
+    zero; those get N(0, 0.02) too, so every logit differs, as in a trained model."""
+    model = GPT(get_preset(preset)).to(device).eval()
+    for weight in model.parameters():
+        if weight.dim() == 2 and not weight.any():
+            nn.init.normal_(weight, std=0.02)
+    return model
+
+
+def torchao_int8(model: GPT) -> GPT | None:
+    """torchao's int8 weight-only quantization of a copy (per-row scales, like ours), or None without
+    torchao. Its weights become `Int8Tensor`s whose matmul is (eager) dequantize-then-`mm`."""
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        return None
+    quantized = copy.deepcopy(model)
+    if model.config.architecture.tied_head:  # untie, as ours does: the embedding lookup stays fp32
+        quantized.lm_head.weight = nn.Parameter(quantized.lm_head.weight.detach().clone())
+    quantize_(quantized, Int8WeightOnlyConfig())
+    return quantized
 
 
 def ours(model: GPT, batch: int, new_tokens: int, prompt: str = "") -> int:
@@ -88,6 +121,28 @@ def hf_generate(hf, new_tokens: int, device: torch.device) -> int:
     return out.shape[1] - 1
 
 
+def int8_cases(presets: dict[str, GPT], n: int) -> list[tuple[str, object]]:
+    """Batch 1 with fp32, our int8 and (if installed) torchao's int8 weights, per shape; named
+    "<preset>, <weights>" for `int8_ratios`."""
+    cases = []
+    for preset, model in presets.items():
+        variants = {"fp32": model, "int8": quantize_int8(model), "int8 torchao": torchao_int8(model)}
+        for weights, variant in variants.items():
+            if variant is not None:
+                ours(variant, 1, 8)  # warm-up
+                cases.append((f"{preset}, {weights}, batch 1, {n}", lambda m=variant: ours(m, 1, n)))
+    return cases
+
+
+def int8_ratios(rates: dict[str, float], presets: dict[str, GPT], n: int) -> None:
+    for preset in presets:
+        fp32, int8, ao = (rates.get(f"{preset}, {w}, batch 1, {n}") for w in ("fp32", "int8", "int8 torchao"))
+        line = f"{preset}: int8 / fp32 at batch 1: {int8 / fp32:.2f}x (target >= 2x)"
+        if ao is not None:
+            line += f"; torchao int8 / ours: {ao / int8:.2f}x, torchao int8 / fp32: {ao / fp32:.2f}x"
+        print(line)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -97,54 +152,54 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-peers", action="store_true", help="skip the no-cache and HF baselines")
+    parser.add_argument("--int8-only", action="store_true", help="only int8 vs fp32 at batch 1 (CPU)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = GPT(get_preset("smallgpt-10m")).to(device).eval()
+    model = random_model("smallgpt-10m", device)
+    modern = random_model("smallgpt-10m-modern", device)
     ours(model, 1, 8)  # warm-up: allocator, kernels, (CUDA) graph capture path
     n = args.new_tokens
     threads = torch.get_num_threads()
-    print(f"smallgpt-10m shape, random weights, {device}, {threads} CPU threads, torch {torch.__version__}")
-    cases = [  # (name, run returning a token count, repeats)
-        (f"smallgpt Engine, batch 1, {n} new tokens", lambda: ours(model, 1, n), args.repeats),
-        (f"smallgpt Engine, batch 8, {n} new tokens each", lambda: ours(model, 8, n), args.repeats),
-        (
-            "smallgpt Engine, batch 1, past the context (256-token prompt + 32)",
-            lambda: ours(model, 1, 32, prompt=" the" * 256),
-            args.repeats,
-        ),
-    ]
-    modern = GPT(get_preset("smallgpt-10m-modern")).to(device).eval()
-    cases.append(
-        (
-            "smallgpt-10m-modern Engine, batch 1, past the context, rolling",
-            lambda: ours(modern, 1, 32, prompt=" the" * 256),
-            args.repeats,
-        )
+    print(f"random weights, {device}, {threads} CPU threads, torch {torch.__version__}")
+    batch1, past_gpt2, past_modern = (
+        f"smallgpt Engine, batch 1, {n} new tokens",
+        "smallgpt Engine, batch 1, past the context (256-token prompt + 32)",
+        "smallgpt-10m-modern Engine, batch 1, past the context, rolling",
     )
+    cases = [  # (name, run returning a token count)
+        (batch1, lambda: ours(model, 1, n)),
+        (f"smallgpt Engine, batch 8, {n} new tokens each", lambda: ours(model, 8, n)),
+        (past_gpt2, lambda: ours(model, 1, 32, prompt=" the" * 256)),
+        (past_modern, lambda: ours(modern, 1, 32, prompt=" the" * 256)),
+    ]
+    if args.int8_only:
+        cases = []
+    presets = {"smallgpt-10m": model, "smallgpt-10m-modern": modern}
     if device.type == "cpu":
-        int8 = quantize_int8(model)
-        cases.append((f"smallgpt Engine, int8 weights, batch 1, {n}", lambda: ours(int8, 1, n), args.repeats))
+        cases += int8_cases(presets, n)
     peers = []
-    if not args.no_peers:
-        peers.append(
-            (f"no-cache sampler (nanoGPT style), batch 1, {n}", lambda: no_cache(model, n, device), 1)
-        )
+    if not (args.no_peers or args.int8_only):
+        peers.append((f"no-cache sampler (nanoGPT style), batch 1, {n}", lambda: no_cache(model, n, device)))
         hf = hf_model(model, device)
         if hf is not None:
             hf_generate(hf, 8, device)  # warm-up
             peers.append(
-                (f"HF transformers generate, batch 1, {n - 1}", lambda: hf_generate(hf, n - 1, device), 1)
+                (f"HF transformers generate, batch 1, {n - 1}", lambda: hf_generate(hf, n - 1, device))
             )
-    rows = [(name, *timed(run, repeats)) for name, run, repeats in cases + peers]
+    rows = timed_alternately(cases, args.repeats) + timed_alternately(peers, 1)
     for name, rate, cpu_ms in rows:
         print(f"{name:<72} {rate:8.1f} tokens/s   {cpu_ms:6.2f} CPU ms/token")
-    recomputed, rolled = rows[2][1], rows[3][1]
-    print(f"past the context, rolling cache (modern) / recomputed window (GPT-2): {rolled / recomputed:.1f}x")
-    for name, rate, _ in rows[len(cases) :]:
-        print(f"batch-1 speed-up over the {name.split(',')[0]}: {rows[0][1] / rate:.1f}x")
+    rates = {name: rate for name, rate, _ in rows}
+    if not args.int8_only:
+        ratio = rates[past_modern] / rates[past_gpt2]
+        print(f"past the context, rolling cache (modern) / recomputed window (GPT-2): {ratio:.1f}x")
+        for name, rate, _ in rows[len(cases) :]:
+            print(f"batch-1 speed-up over the {name.split(',')[0]}: {rates[batch1] / rate:.1f}x")
+    if device.type == "cpu":
+        int8_ratios(rates, presets, n)
 
 
 if __name__ == "__main__":

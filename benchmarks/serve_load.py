@@ -10,16 +10,21 @@ with one choice and usage counts, else it counts as a failure. Prints requests/s
 and generated tokens/s. Only loopback is contacted; each request has a timeout and the whole run a
 deadline, so it always ends.
 
---compare measures what continuous batching buys, both servers in the same run on the same machine:
-generated tokens/s at --concurrency 16 with --max-batch 16 against the one-at-a-time baseline
-(--max-batch 1), and on the batching server the wall time of 16 simultaneous requests against one
-alone (median of --repeats each).
+--compare measures what continuous batching buys and what a lone request pays for it, with a
+--max-batch 1 server and a default (--max-batch 16) one running side by side (and, with --invariant,
+a --batch-invariant one):
+  - one request alone (--lone-tokens sampled tokens), sent to each server in turn, --repeats times;
+  - generated tokens/s at --concurrency, --max-batch 16 against 1, for identical clients (all
+    max_tokens alike: they move in waves) and for mixed ones (prompts of 1-60 words, max_tokens from 1
+    to 4x --max-tokens, so sequences join and leave at every step);
+  - on the default server, the wall time of 16 simultaneous requests against one alone.
 """
 
 import argparse
 import http.client
 import json
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -49,24 +54,13 @@ def random_tiny_checkpoint(directory: Path) -> Path:
 
 
 def start_server(
-    checkpoint: Path, log_path: Path, max_batch: int, threads: int | None
+    checkpoint: Path, log_path: Path, options: list[str], threads: int | None
 ) -> tuple[subprocess.Popen, int]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [
-        sys.executable,
-        "-m",
-        "smallgpt",
-        "serve",
-        str(checkpoint),
-        "--port",
-        str(port),
-        "--device",
-        "cpu",
-        "--max-batch",
-        str(max_batch),
-    ]
+    command = [sys.executable, "-m", "smallgpt", "serve", str(checkpoint), "--port", str(port)]
+    command += ["--device", "cpu", *options]
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     with open(log_path, "w") as log:
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -160,28 +154,70 @@ def report(results, failures, wall: float, stream: bool) -> float:
     return tokens_per_s
 
 
-def compare(args, checkpoint: Path, tmp: Path, bodies: list[dict]) -> int:
-    """Batching (--max-batch 16) against one at a time (--max-batch 1); returns the failure count."""
-    rates, failed = {}, 0
-    for max_batch in (1, 16):
-        server, port = start_server(checkpoint, tmp / f"server-{max_batch}.log", max_batch, args.threads)
-        try:
+def mixed_bodies(body: dict, count: int, max_tokens: int) -> list[dict]:
+    """Clients unlike each other: prompts of 1 to 60 words (short ones are fed through the decode
+    steps, long ones prefilled), max_tokens from 1 to 4 x `max_tokens`; the same list in every run."""
+    rng, words = random.Random(0), ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog"]
+    return [
+        {
+            **body,
+            "prompt": " ".join(rng.choice(words) for _ in range(rng.randint(1, 60))),
+            "max_tokens": rng.randint(1, 4 * max_tokens),
+            "seed": i,
+        }
+        for i in range(count)
+    ]
+
+
+def compare(args, checkpoint: Path, tmp: Path, bodies: list[dict], mixed: list[dict]) -> int:
+    """A lone request on each server in turn, then batching (--max-batch 16) against one at a time
+    (--max-batch 1) under both loads; returns the failure count."""
+    servers = {"--max-batch 1": ["--max-batch", "1"], "--max-batch 16": ["--max-batch", "16"]}
+    if args.invariant:
+        servers["--max-batch 16 --batch-invariant"] = ["--max-batch", "16", "--batch-invariant"]
+    running, failed = {}, 0
+    try:
+        for i, (name, options) in enumerate(servers.items()):
+            running[name] = start_server(checkpoint, tmp / f"server-{i}.log", options, args.threads)
+        ports = {name: port for name, (_, port) in running.items()}
+        for port in ports.values():
             run_load(port, bodies[:16], args.concurrency, args.deadline, args.stream)  # warm-up
-            print(f"--max-batch {max_batch}:")
-            results, failures, wall = run_load(port, bodies, args.concurrency, args.deadline, args.stream)
-            rates[max_batch], failed = report(results, failures, wall, args.stream), failed + len(failures)
-            if max_batch == 16:
-                one, sixteen = [], []
-                for _ in range(args.repeats):
-                    one.append(run_load(port, bodies[:1], 1, args.deadline, args.stream)[2])
-                    sixteen.append(run_load(port, bodies[:16], 16, args.deadline, args.stream)[2])
-                one_s, sixteen_s = statistics.median(one), statistics.median(sixteen)
-                print(f"one request alone: {one_s * 1000:.0f} ms; 16 at once: {sixteen_s * 1000:.0f} ms "
-                      f"= {sixteen_s / one_s:.1f}x (median of {args.repeats})")  # fmt: skip
-        finally:
+        alone = {**bodies[0], "max_tokens": args.lone_tokens}
+        times, tokens = {name: [] for name in ports}, {}
+        for _ in range(args.repeats):  # alternated: each server in turn, the same seeded request
+            for name, port in ports.items():
+                results, failures, wall = run_load(port, [alone], 1, args.deadline, args.stream)
+                failed += len(failures)
+                times[name].append(wall)
+                tokens[name] = results[0][2] if results else 0
+        print(f"one request alone (max_tokens {args.lone_tokens}), best / median of {args.repeats}:")
+        best_one = min(times["--max-batch 1"])
+        for name, walls in times.items():
+            best, median = min(walls), statistics.median(walls)
+            rate = tokens[name] / best
+            print(f"  {name:32s} {best * 1000:6.0f} / {median * 1000:6.0f} ms, {tokens[name]} tokens, "
+                  f"{rate:4.0f} tokens/s: {best / best_one:.2f}x the time at --max-batch 1")  # fmt: skip
+        for load, load_bodies in (("identical clients", bodies), ("mixed lengths", mixed)):
+            rates = {}
+            for name in ("--max-batch 1", "--max-batch 16"):
+                print(f"{load}, {name}:")
+                results, failures, wall = run_load(
+                    ports[name], load_bodies, args.concurrency, args.deadline, args.stream
+                )
+                rates[name], failed = report(results, failures, wall, args.stream), failed + len(failures)
+            speed_up = rates["--max-batch 16"] / rates["--max-batch 1"]
+            print(f"{load}: batching speed-up {speed_up:.1f}x the generated tokens/s of --max-batch 1")
+        one, sixteen = [], []
+        for _ in range(args.repeats):
+            one.append(run_load(ports["--max-batch 16"], bodies[:1], 1, args.deadline, args.stream)[2])
+            sixteen.append(run_load(ports["--max-batch 16"], bodies[:16], 16, args.deadline, args.stream)[2])
+        one_s, sixteen_s = statistics.median(one), statistics.median(sixteen)
+        print(f"--max-batch 16: one request alone {one_s * 1000:.0f} ms; 16 at once "
+              f"{sixteen_s * 1000:.0f} ms = {sixteen_s / one_s:.1f}x (median of {args.repeats})")  # fmt: skip
+    finally:
+        for server, _ in running.values():
             server.terminate()
             server.wait(timeout=30)
-    print(f"batching speed-up: {rates[16] / rates[1]:.1f}x the generated tokens/s of --max-batch 1")
     return failed
 
 
@@ -193,6 +229,8 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
     parser.add_argument("--compare", action="store_true", help="--max-batch 16 against 1, same run")
     parser.add_argument("--repeats", type=int, default=5, help="--compare: timings of 1 vs 16 requests")
+    parser.add_argument("--lone-tokens", type=int, default=96, help="--compare: tokens of the lone request")
+    parser.add_argument("--invariant", action="store_true", help="--compare: a --batch-invariant server too")
     parser.add_argument("--stream", action="store_true", help="stream every response (SSE)")
     parser.add_argument("--threads", type=int, help="the server's torch threads (default: torch's)")
     parser.add_argument("--checkpoint", help="model to serve (default: a random-weight tiny model)")
@@ -210,9 +248,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(args.checkpoint) if args.checkpoint else random_tiny_checkpoint(Path(tmp))
         if args.compare:
-            failed = compare(args, checkpoint, Path(tmp), bodies)
+            mixed = mixed_bodies(body, requests, args.max_tokens)
+            failed = compare(args, checkpoint, Path(tmp), bodies, mixed)
         else:
-            server, port = start_server(checkpoint, Path(tmp) / "server.log", args.max_batch, args.threads)
+            options = ["--max-batch", str(args.max_batch)]
+            server, port = start_server(checkpoint, Path(tmp) / "server.log", options, args.threads)
             try:
                 results, failures, wall = run_load(port, bodies, args.concurrency, args.deadline, args.stream)
             finally:

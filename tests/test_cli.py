@@ -22,7 +22,7 @@ COMMAND_OPTIONS = {
     "prepare": ["--out", "--val-fraction", "--seed", "--max-docs", "--force", "--quiet"],
     "model": ["--preset", "--json"],
     "train": ["--config", "--preset", "--data", "--out", "--resume", "--init-from", "--allow-different-data"],
-    "eval": ["--data", "--split", "--batch-size", "--json"],
+    "eval": ["--data", "--split", "--batch-size", "--dtype", "--json"],
     "plot": [],
     "sample": ["--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--int8"],
     "serve": ["--host", "--port", "--device"],
@@ -144,8 +144,10 @@ TRAIN = ["train", "--data", "{data}", "--out", "{tmp}/run", *cli_args(max_iters=
         (["eval", "{tmp}/wrong.safetensors", "--data", "{data}"], "do not match their config: it needs"),
         (["sample", "{tmp}/typed.safetensors"], "bad value for n_layer: '2' is str, not int"),
         (["export", "{tmp}/notjson.safetensors", "--out", "{tmp}/hf"], "damaged model config (not JSON)"),
-        # eval of data beyond the model's vocabulary
+        # eval of data beyond the model's vocabulary, or of a file that is not there; plot of no run
         (["eval", "{tmp}/run", "--data", "{tmp}/random"], "holds token id"),
+        (["eval", "{tmp}/gpt2.safetensors", "--data", "{tmp}/nope.txt"], "no such file or directory: "),
+        (["plot", "{tmp}/random"], "no metrics.jsonl in {tmp}/random (is it a training run directory?)"),
     ],
 )
 def test_bad_input_gives_one_line_error(cli, bad_files, tiny_data, args, message):

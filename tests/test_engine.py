@@ -1,6 +1,7 @@
 """The engine's scheduling against independent references: each request run alone, the model's own
 log-softmax over the whole prompt, and unpadded decode steps."""
 
+import dataclasses
 import time
 
 import pytest
@@ -50,24 +51,63 @@ def complete(engine: Engine, requests: list[Request], join_every: int | None = N
     return [s.completion() for s in sequences]
 
 
-def test_seeded_text_is_the_same_alone_and_in_a_batch_of_16(model):
-    requests = mixed_requests()
-    engine = Engine(model, max_batch=16)
+def scored(request: Request) -> Request:
+    """The request with its tokens' log-probabilities kept: comparing those compares the logits bit
+    for bit, not only the tokens they led to."""
+    return dataclasses.replace(request, logprobs=0)
+
+
+def test_batch_invariant_engine_gives_the_same_text_alone_and_in_a_batch_of_16(model):
+    requests = [scored(r) for r in mixed_requests()]
+    engine = Engine(model, max_batch=16, batch_invariant=True)
     alone = [complete(engine, [r])[0] for r in requests]
-    assert complete(Engine(model, max_batch=16), requests) == alone
+    assert complete(Engine(model, max_batch=16, batch_invariant=True), requests) == alone
     assert {c.finish_reason for c in alone} == {"stop", "length"}  # both kinds of ending happened
     assert len({len(c.token_ids) for c in alone}) > 4  # sequences left the batch at different steps
     # Joining between steps (continuous batching) changes nothing either.
-    assert complete(Engine(model, max_batch=16), requests, join_every=3) == alone
+    assert complete(Engine(model, max_batch=16, batch_invariant=True), requests, join_every=3) == alone
 
 
-def test_seeded_text_is_the_same_alone_and_in_a_batch_of_16_over_a_longer_context():
+def test_batch_invariant_engine_over_a_longer_context():
     """With a 128-token context a decode step attends over 32, 64, 96 or 128 slots, whatever its
     longest row needs: a row alone and the same row beside longer ones see different spans."""
-    model, requests = small_model(block_size=128), mixed_requests()
-    engine = Engine(model, max_batch=16)
+    model, requests = small_model(block_size=128), [scored(r) for r in mixed_requests()]
+    engine = Engine(model, max_batch=16, batch_invariant=True)
     alone = [complete(engine, [r])[0] for r in requests]
-    assert complete(Engine(model, max_batch=16), requests) == alone
+    assert complete(Engine(model, max_batch=16, batch_invariant=True), requests) == alone
+
+
+def test_a_request_alone_is_the_same_in_any_pool(model):
+    """Alone, a request's steps run at one row whatever the pool holds: the same logits, bit for bit,
+    as a one-row engine's (the server's default pool and `smallgpt sample`'s)."""
+    for request in [scored(r) for r in mixed_requests()[::3]]:
+        assert complete(Engine(model, max_batch=16), [request]) == complete(
+            Engine(model, max_batch=1), [request]
+        )
+
+
+def test_within_a_bucket_a_row_is_the_same_whatever_its_batch_mates(model):
+    """Steps run the busy rows padded to 1, 2, 4, 8 or 16 rows. At one size, a row's logits do not
+    depend on how many rows are busy nor on what the others hold: 5 and 8 busy rows (both padded to
+    8), with different batch-mates, give row 0 the same logits bit for bit over 20 steps."""
+    own, mates = encode("Hi there"), [encode(t) for t in ("x", LONG_PROMPT[:30], "Once upon a", "7 8 9")]
+    logits = []
+    for others in (mates[:4], [*mates[::-1], *mates[:3]]):  # 4 batch-mates, then 7 others
+        pool = KVPool(model.config, 16)
+        step = DecodeStep(model, pool)
+        with torch.no_grad():
+            for row, ids in enumerate([own, *others]):
+                pool.prefill(model, row, ids)
+            assert step.size(1 + len(others)) == 8
+            tokens = torch.arange(1 + len(others)) + 40
+            logits.append(torch.stack([step(tokens)[0] for _ in range(20)]))
+    assert torch.equal(logits[0], logits[1])
+
+
+def test_a_seeded_batch_repeats_itself(model):
+    """Whatever sizes its steps ran at, the same requests submitted the same way give the same text."""
+    requests = [scored(r) for r in mixed_requests()]
+    assert complete(Engine(model), requests, join_every=2) == complete(Engine(model), requests, join_every=2)
 
 
 def test_a_row_decodes_bit_for_bit_the_same_whatever_span_its_batch_mates_need():
@@ -76,7 +116,7 @@ def test_a_row_decodes_bit_for_bit_the_same_whatever_span_its_batch_mates_need()
     logits, spans = [], []
     for mates in ([], [long]):
         pool = KVPool(model.config, 4)
-        step = DecodeStep(model, pool)
+        step = DecodeStep(model, pool, every_row=True)  # (1 and 2 busy rows: both steps at 4 rows)
         with torch.no_grad():
             for row, ids in enumerate([short, *mates]):
                 pool.prefill(model, row, ids)
@@ -181,13 +221,13 @@ def test_decode_steps_padded_to_buckets_equal_unpadded_steps(model):
     assert [bucket(n, 12) for n in (3, 9, 12)] == [4, 12, 12]
     prompts = [encode(p) for p in ("Hi", "The meaning of life", "x y z", "Once upon a time there was")]
     logits = []
-    for buckets in (False, True):
+    for every_row in (True, False):
         pool = KVPool(model.config, 8, dtype=torch.float32)
-        step = DecodeStep(model, pool, buckets=buckets)
+        step = DecodeStep(model, pool, every_row=every_row)
         with torch.no_grad():
             for row, ids in enumerate(prompts[:3]):  # 3 busy rows: a bucket of 4, a pool of 8
                 pool.prefill(model, row, ids)
-            assert step.size(3) == (4 if buckets else 8)
+            assert step.size(3) == (8 if every_row else 4)
             logits.append(torch.cat([step(torch.tensor([11, 12, 13])) for _ in range(3)]))
         assert pool.lengths.tolist() == [len(p) + 3 for p in prompts[:3]] + [0] * 5
     torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=0)

@@ -1,4 +1,5 @@
-"""Evaluation against a hand-written reference (logits + F.cross_entropy), determinism, and plots."""
+"""Evaluation against a hand-written reference (logits + F.cross_entropy), and its determinism. (`eval` of
+every architecture on a prepared split and on raw text, and `plot`: test_architectures.)"""
 
 import json
 import math
@@ -7,12 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from training_helpers import (
-    metrics,
-    smallgpt,
-    tiny_run,
-    write_data,
-)
+from training_helpers import smallgpt, write_data
 
 from smallgpt.checkpoint import save_weights
 from smallgpt.config import ModelConfig
@@ -21,7 +17,6 @@ from smallgpt.evaluate import estimate_loss, evaluate_checkpoint
 from smallgpt.loader import load_split
 from smallgpt.model import GPT
 from smallgpt.tokenizer import EOT_ID, get_tokenizer
-from smallgpt.train import train
 
 CPU = Runtime(0, 0, 1, torch.device("cpu"))
 
@@ -47,14 +42,24 @@ def reference_loss(model: GPT, tokens: np.ndarray) -> float:
 def test_eval_on_a_prepared_split_matches_the_reference_and_repeats_exactly(tmp_path):
     data = write_data(tmp_path / "data", val_tokens=3_001)
     model = saved_model(tmp_path / "m.safetensors", vocab_size=128, block_size=16)
-    first = evaluate_checkpoint(tmp_path / "m.safetensors", data, batch_size=7)
-    second = evaluate_checkpoint(tmp_path / "m.safetensors", data, batch_size=7)
+    first = evaluate_checkpoint(tmp_path / "m.safetensors", data, batch_size=7, dtype="float32")
+    second = evaluate_checkpoint(tmp_path / "m.safetensors", data, batch_size=7, dtype="float32")
     assert first == second  # deterministic: bit-identical numbers
     assert first["tokens"] == 3000 // 16 * 16
     assert first["loss"] == pytest.approx(
         reference_loss(model, np.asarray(load_split(data, "val"))), abs=1e-5
     )
     assert first["perplexity"] == pytest.approx(math.exp(first["loss"]))
+    assert first["dtype"] == "float32"
+
+
+def test_eval_in_bf16_stays_within_its_rounding_of_the_reference(tmp_path):
+    """What `auto` picks on a CPU that multiplies bf16 fast: the matmuls in bf16, the softmax in fp32."""
+    data = write_data(tmp_path / "data", val_tokens=3_001)
+    model = saved_model(tmp_path / "m.safetensors", vocab_size=128, block_size=16)
+    result = evaluate_checkpoint(tmp_path / "m.safetensors", data, batch_size=7, dtype="bfloat16")
+    reference = reference_loss(model, np.asarray(load_split(data, "val")))
+    assert result["dtype"] == "bfloat16" and result["loss"] == pytest.approx(reference, abs=5e-3)
 
 
 def test_eval_on_a_raw_jsonl_file_through_the_cli(tmp_path):
@@ -64,12 +69,17 @@ def test_eval_on_a_raw_jsonl_file_through_the_cli(tmp_path):
     model = saved_model(tmp_path / "m.safetensors", block_size=32)
     encoding = get_tokenizer()  # the blank document is skipped, as `smallgpt prepare` skips it
     tokens = np.array([t for d in documents[:2] for t in encoding.encode_ordinary(d) + [EOT_ID]])
-    result = smallgpt("eval", str(tmp_path / "m.safetensors"), "--data", str(corpus), "--json")
+    args = ("eval", str(tmp_path / "m.safetensors"), "--data", str(corpus))
+    result = smallgpt(*args, "--dtype", "float32", "--json")
     assert result.returncode == 0, result.stderr
     reported = json.loads(result.stdout)
     assert reported["tokens"] == (len(tokens) - 1) // 32 * 32
     assert reported["loss"] == pytest.approx(reference_loss(model, tokens), abs=1e-5)
 
+    shown = smallgpt(*args, "--dtype", "bfloat16")  # the text form names the precision it ran in
+    assert shown.returncode == 0 and shown.stdout.strip().endswith("(bfloat16)"), shown.stderr
+    unknown = smallgpt(*args, "--dtype", "fp8")
+    assert unknown.returncode == 1 and unknown.stderr.startswith("error: unknown dtype 'fp8'")
     missing = smallgpt("eval", str(tmp_path / "m.safetensors"), "--data", str(tmp_path / "nope.txt"))
     assert missing.returncode == 1 and missing.stderr.startswith("error: ")
     assert len(missing.stderr.strip().splitlines()) == 1
@@ -82,16 +92,3 @@ def test_validation_estimate_uses_the_same_batches_every_time(tmp_path):
     losses = [estimate_loss(model, val, 4, 3, 1337, CPU, torch.float32) for _ in range(2)]
     assert losses[0] == losses[1]
     assert losses[0] != estimate_loss(model, val, 4, 3, 7, CPU, torch.float32)  # another seed, other windows
-
-
-def test_plot_command_redraws_the_loss_curve(tmp_path):
-    data = write_data(tmp_path / "data")
-    run = tmp_path / "run"
-    train(tiny_run(max_iters=10, eval_interval=5), data, run)
-    (run / "loss.png").unlink()
-    assert len(metrics(run, "eval")) == 2
-    result = smallgpt("plot", str(run))
-    assert result.returncode == 0, result.stderr
-    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    empty = smallgpt("plot", str(tmp_path / "data"))
-    assert empty.returncode == 1 and "no metrics.jsonl" in empty.stderr

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from smallgpt.loss import linear_cross_entropy
+from smallgpt.loss import MIN_TILE_COLUMNS, linear_cross_entropy, tile_columns
 
 N, V, C = 1024, 1024, 32  # rows, vocabulary, width: small enough for CPU fp16, big enough to underflow
 
@@ -19,7 +19,7 @@ def head_inputs():
 
 
 def fused(hidden, weight, targets):
-    return linear_cross_entropy(hidden, weight, targets, V, chunk_rows=256)
+    return linear_cross_entropy(hidden, weight, targets, V, columns=256)
 
 
 def plain(hidden, weight, targets):
@@ -52,10 +52,10 @@ def test_reduced_precision_head_gradients_are_as_accurate_as_the_plain_loss(dtyp
         assert plain_error < (1e-3 if dtype == torch.float16 else 1e-2)  # the dtype's own rounding
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_matmul_work_is_the_forward_alone_under_no_grad(dtype):
-    """Evaluation pays for the logits only (2NVC FLOPs); training adds the two gradient matmuls (4NVC),
-    in forward, or for fp16 in backward after recomputing the logits (2NVC more)."""
+    """Evaluation pays for the logits only (2NVC FLOPs); training recomputes them in backward (2NVC)
+    and adds the two gradient matmuls (4NVC), in every dtype."""
     hidden, weight, targets = head_inputs()
     weight.requires_grad_()  # as the model's head always is, even during evaluation
     with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
@@ -65,4 +65,22 @@ def test_matmul_work_is_the_forward_alone_under_no_grad(dtype):
             fused(hidden, weight, targets).backward()
     forward = 2 * N * V * C
     assert no_grad_flops.get_total_flops() == forward
-    assert training_flops.get_total_flops() == (4 if dtype == torch.float16 else 3) * forward
+    assert training_flops.get_total_flops() == 4 * forward
+
+
+@pytest.mark.parametrize("factor", [-2.0, 0.0, 3.0])
+def test_the_incoming_gradient_scales_both_gradients_whatever_its_sign(factor):
+    """backward folds the incoming gradient into exp(z - lse + log f) and applies its sign apart."""
+    hidden, weight, targets = head_inputs()
+    hidden.requires_grad_(), weight.requires_grad_()
+    (factor * fused(hidden, weight, targets)).backward()
+    got = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    (factor * plain(hidden, weight, targets)).backward()
+    torch.testing.assert_close(got[0], hidden.grad, atol=1e-7, rtol=1e-4)
+    torch.testing.assert_close(got[1], weight.grad, atol=1e-7, rtol=1e-4)
+
+
+def test_tiles_hold_about_a_million_logits_whatever_the_rows():
+    assert tile_columns(1024) == 1024 and tile_columns(2048) == 512
+    assert tile_columns(1 << 20) == MIN_TILE_COLUMNS and tile_columns(1) % 64 == 0

@@ -116,7 +116,7 @@ def test_chunked_loss_and_gradients_equal_plain_cross_entropy(vocab_size, padded
     weight = torch.randn(padded, 16, generator=gen, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, vocab_size, (37,), generator=gen)
     targets[[0, 5, 9]] = -1  # ignored positions
-    loss = linear_cross_entropy(hidden, weight, targets, vocab_size, chunk_rows=8)
+    loss = linear_cross_entropy(hidden, weight, targets, vocab_size, columns=8)
     loss.backward()
     grads = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None

@@ -25,8 +25,9 @@ from smallgpt.checkpoint import load_model, save_weights
 from smallgpt.config import get_preset
 from smallgpt.engine import Engine
 from smallgpt.generate import SamplingParams
+from smallgpt.limits import Limits
 from smallgpt.model import GPT
-from smallgpt.serve import DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_BYTES, model_name
+from smallgpt.serve import model_name
 from smallgpt.tokenizer import decode, encode
 
 LARGE_CAP = 100_000  # lets a request run for minutes, to watch a disconnect stop it
@@ -46,12 +47,17 @@ def reference(checkpoint):
     """The library on the same weights, on one torch thread like the servers (see `running_server`)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield Engine(load_model(checkpoint), max_batch=DEFAULT_MAX_BATCH)  # the server's arithmetic
+    yield Engine(load_model(checkpoint), max_batch=Limits.max_batch)  # the server's arithmetic
     torch.set_num_threads(threads)
 
 
-def expected(reference: Engine, prompt: str, **params):
-    return reference.generate([prompt], SamplingParams(**params))[0]
+def expected(reference: Engine, prompt: str | list[str], n: int = 1, **params):
+    """What the server answers a request with these prompts and n, sent alone: the engine's
+    completions, choice i with seed + i (one list for a list of prompts)."""
+    completions = reference.generate(
+        [prompt] if isinstance(prompt, str) else prompt, SamplingParams(**params), n
+    )
+    return completions[0] if isinstance(prompt, str) and n == 1 else completions
 
 
 def free_port() -> int:
@@ -170,8 +176,8 @@ def test_streamed_completion(client, reference, server):
 def test_n_choices_and_prompt_lists(client, reference):
     result = client.completions.create(model="tiny", prompt="Hi", max_tokens=8, n=3, seed=11)
     assert [c.index for c in result.choices] == [0, 1, 2]
-    for choice in result.choices:  # choice i samples with seed + i
-        assert choice.text == expected(reference, "Hi", max_new_tokens=8, seed=11 + choice.index).text
+    want = expected(reference, "Hi", n=3, max_new_tokens=8, seed=11)  # choice i samples with seed + i
+    assert [c.text for c in result.choices] == [w.text for w in want]
     assert result.usage.prompt_tokens == len(encode("Hi"))  # the prompt counts once, not n times
     streamed = client.completions.create(model="tiny", prompt="Hi", max_tokens=8, n=3, seed=11, stream=True)
     texts = ["", "", ""]
@@ -180,7 +186,8 @@ def test_n_choices_and_prompt_lists(client, reference):
     assert texts == [c.text for c in result.choices]
     both = client.completions.create(model="tiny", prompt=["a", "b c"], max_tokens=4, n=2, seed=1)
     assert [c.index for c in both.choices] == [0, 1, 2, 3]
-    assert both.choices[2].text == expected(reference, "b c", max_new_tokens=4, seed=3).text
+    want = expected(reference, ["a", "b c"], n=2, max_new_tokens=4, seed=1)
+    assert [c.text for c in both.choices] == [w.text for w in want]
     assert both.usage.prompt_tokens == len(encode("a")) + len(encode("b c"))
 
 
@@ -225,8 +232,9 @@ def test_extreme_but_valid_values_are_served(client, reference):
     assert nucleus.choices[0].text == greedy.choices[0].text  # a vanishing nucleus is the top token
     # An empty prompt starts from <|endoftext|>; choice seeds wrap around 2**64 (seed i = seed + i).
     edge = client.completions.create(model="tiny", prompt="", max_tokens=3, seed=2**63 - 1, n=2)
-    want = [expected(reference, "", max_new_tokens=3, seed=s).text for s in (2**63 - 1, 2**63)]
-    assert [c.text for c in edge.choices] == want
+    want = expected(reference, [""], n=2, max_new_tokens=3, seed=2**63 - 1)
+    assert [c.text for c in edge.choices] == [w.text for w in want]
+    assert want[1] == expected(reference, [""], n=2, max_new_tokens=3, seed=2**63)[0]  # seed + 1
     hot = dict(temperature=1e308, top_k=10**9)  # every token equally likely; the seed as torch takes it
     result = client.completions.create(
         model="tiny",
@@ -314,6 +322,28 @@ def test_bad_request_gets_an_openai_error(small_server, body, status, param):
     assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
 
 
+UNION_FIELD_MISTAKES = [
+    ({"prompt": [1, 50257]}, "prompt: token id 50257 (position 1) is not in the vocabulary (0 to 50256)"),
+    ({"prompt": [[5], [7, -1]]}, "prompt: prompt 1: token id -1 (position 1) is not in the vocabulary"),
+    ({"prompt": [[5], []]}, "prompt: prompt 1 is an empty list of token ids"),
+    ({"prompt": ["a"] * 2000}, "prompt: holds 2000 prompts; a request may hold at most 16"),
+    ({"prompt": ["a", 3]}, "prompt: must be a string, a list of strings, a list of token ids or a list of"),
+    ({"prompt": {"text": "a"}}, "token-id lists, not an object"),
+    ({"prompt": "a", "stop": ""}, "stop: an empty stop string would stop before the first token"),
+    ({"prompt": "a", "stop": ["x", ""]}, "stop: an empty stop string"),
+    ({"prompt": "a", "stop": ["1", "2", "3", "4", "5"]}, "stop: holds 5 stop strings; at most 4"),
+    ({"prompt": "a", "stop": [3]}, "stop: must be a string or a list of strings"),
+]
+
+
+@pytest.mark.parametrize("body, message", UNION_FIELD_MISTAKES, ids=[m for _, m in UNION_FIELD_MISTAKES])
+def test_a_field_of_several_forms_says_what_is_wrong_with_the_value_sent(small_server, body, message):
+    """Not the first form's complaint ("Input should be a valid string" for every prompt mistake)."""
+    response = requests.post(f"{small_server}/v1/completions", json=body, timeout=30)
+    assert response.status_code == 400
+    assert message in response.json()["error"]["message"], response.json()["error"]["message"]
+
+
 def test_openai_client_sees_the_error(small_server):
     client = openai.OpenAI(base_url=f"{small_server}/v1", api_key="unused", max_retries=0)
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
@@ -321,13 +351,13 @@ def test_openai_client_sees_the_error(small_server):
 
 
 def test_oversized_bodies_are_refused(small_server):
-    body = json.dumps({"prompt": "x" * DEFAULT_MAX_BODY_BYTES}).encode()
+    body = json.dumps({"prompt": "x" * Limits.max_body_bytes}).encode()
     url, headers = f"{small_server}/v1/completions", {"Content-Type": "application/json"}
     declared = requests.post(url, data=body, headers=headers, timeout=30)
     chunked = requests.post(url, data=iter([body[:1000], body[1000:]]), headers=headers, timeout=30)
     for response in (declared, chunked):
         assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
-    under = body[: DEFAULT_MAX_BODY_BYTES // 2] + b'", "truncate_prompt_tokens": 128}'
+    under = body[: Limits.max_body_bytes // 2] + b'", "truncate_prompt_tokens": 128}'
     assert requests.post(url, data=under, headers=headers).ok
 
 
@@ -460,17 +490,22 @@ def test_overload_gets_429_with_retry_after_and_admitted_requests_lose_nothing(c
 # --- concurrency ---
 
 
-def test_simultaneous_streams_all_complete_correctly(server, reference):
-    def stream(seed: int) -> str:
-        client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+def test_simultaneous_streams_on_a_batch_invariant_server_are_each_the_text_alone(checkpoint, reference):
+    """With --batch-invariant every step computes the whole pool: a seeded text does not depend on
+    what else runs, so 8 streams at once each equal that request alone (in such an engine)."""
+    invariant = Engine(reference.model, max_batch=Limits.max_batch, batch_invariant=True)
+
+    def stream(base: str, seed: int) -> str:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
         chunks = client.completions.create(
             model="tiny", prompt="Tell me", max_tokens=24, seed=seed, stream=True
         )
         return "".join(c.choices[0].text for c in chunks)
 
-    with ThreadPoolExecutor(8) as pool:
-        texts = list(pool.map(stream, range(8)))
-    assert texts == [expected(reference, "Tell me", max_new_tokens=24, seed=s).text for s in range(8)]
+    server = running_server(checkpoint, "--batch-invariant", "--device", "cpu")
+    with server as base, ThreadPoolExecutor(8) as pool:
+        texts = list(pool.map(lambda seed: stream(base, seed), range(8)))
+    assert texts == [expected(invariant, "Tell me", max_new_tokens=24, seed=s).text for s in range(8)]
 
 
 def test_a_stalled_client_neither_blocks_others_nor_keeps_its_work(server, client):

@@ -17,17 +17,20 @@ from __future__ import annotations
 import codecs
 import hmac
 import logging
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from smallgpt.engine import Completion, TokenScore
+from smallgpt.engine import Completion, Engine, TokenScore, prompt_ids
+from smallgpt.engine import Request as EngineRequest
 from smallgpt.errors import SmallGPTError
-from smallgpt.tokenizer import EOT_ID, decode, encode, get_tokenizer
+from smallgpt.generate import SamplingParams
+from smallgpt.tokenizer import EOT_ID, decode, get_tokenizer
 
 log = logging.getLogger("smallgpt.serve")
 
@@ -35,9 +38,9 @@ MAX_CHOICES = 16  # prompts x n per request
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_STOP_LENGTH = 256  # characters per stop string
 MAX_LOGPROBS = 5  # as OpenAI
-SEED_RANGE = 2**64  # torch.Generator.manual_seed takes any integer in [-2**63, 2**64)
+VOCAB_SIZE = EOT_ID + 1  # GPT-2's tokens, <|endoftext|> the last
 
-TokenId = Annotated[int, Field(ge=0, lt=50257)]
+TokenId = Annotated[int, Field(ge=0, lt=VOCAB_SIZE)]
 Tokens = Annotated[list[TokenId], Field(min_length=1)]
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]
 
@@ -76,6 +79,88 @@ class CompletionRequest(BaseModel):
     stream: bool = False
     stream_options: dict[Literal["include_usage"], bool] | None = None
     user: str | None = None
+
+    # A value that fits none of a union's forms gets pydantic's message for the first form ("Input
+    # should be a valid string" for token ids out of the vocabulary): these say what is wrong instead.
+    # Values they pass are then checked against the declared types as usual.
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def explain_prompt(cls, value: Any) -> Any:
+        return _explain_prompt(value)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def explain_stop(cls, value: Any) -> Any:
+        return _explain_stop(value)
+
+
+def _refuse(message: str) -> PydanticCustomError:
+    return PydanticCustomError("invalid_value", message)
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {
+        bool: "true/false",
+        int: "a whole number",
+        float: "a decimal number",
+        str: "a string",
+        list: "a list",
+    }
+    return "null" if value is None else kinds.get(type(value), "an object")
+
+
+def _is_token_id(value: Any) -> bool:
+    return type(value) is int
+
+
+def _explain_prompt(value: Any) -> Any:
+    forms = "a string, a list of strings, a list of token ids or a list of token-id lists"
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise _refuse(f"must be {forms}, not {_json_kind(value)}")
+    if not value:
+        raise _refuse("is an empty list: give at least one prompt")
+    if all(_is_token_id(x) for x in value):
+        _check_token_ids(value, "")
+    elif all(isinstance(x, str | list) for x in value) and len({type(x) for x in value}) == 1:
+        if len(value) > MAX_CHOICES:
+            raise _refuse(f"holds {len(value)} prompts; a request may hold at most {MAX_CHOICES}")
+        for i, ids in enumerate(x for x in value if isinstance(x, list)):
+            if not ids:
+                raise _refuse(f"prompt {i} is an empty list of token ids")
+            if not all(_is_token_id(x) for x in ids):
+                raise _refuse(f"prompt {i}: a token-id list holds only whole numbers")
+            _check_token_ids(ids, f"prompt {i}: ")
+    else:
+        kinds = ", ".join(sorted({_json_kind(x) for x in value}))
+        raise _refuse(f"must be {forms}; this list holds {kinds}")
+    return value
+
+
+def _check_token_ids(ids: list[int], where: str) -> None:
+    for position, token in enumerate(ids):
+        if not 0 <= token < VOCAB_SIZE:
+            message = (
+                f"token id {token} (position {position}) is not in the vocabulary (0 to {VOCAB_SIZE - 1})"
+            )
+            raise _refuse(where + message)
+
+
+def _explain_stop(value: Any) -> Any:
+    strings = [value] if isinstance(value, str) else value
+    if value is None:
+        return value
+    if not isinstance(strings, list) or not all(isinstance(s, str) for s in strings):
+        raise _refuse("must be a string or a list of strings")
+    if len(strings) > MAX_STOP_STRINGS:
+        raise _refuse(f"holds {len(strings)} stop strings; at most {MAX_STOP_STRINGS} are allowed")
+    for text in strings:
+        if not text:
+            raise _refuse("an empty stop string would stop before the first token: leave it out")
+        if len(text) > MAX_STOP_LENGTH:
+            raise _refuse(f"a stop string of {len(text)} characters; at most {MAX_STOP_LENGTH} are allowed")
+    return value
 
 
 def request_model(max_tokens_cap: int) -> type[CompletionRequest]:
@@ -172,7 +257,7 @@ def prompts_of(body: CompletionRequest, context: int) -> list[Prompt]:
     single = isinstance(body.prompt, str) or isinstance(body.prompt[0], int)
     prompts = []
     for prompt in [body.prompt] if single else body.prompt:
-        ids = (encode(prompt) or [EOT_ID]) if isinstance(prompt, str) else list(prompt)
+        ids = prompt_ids(prompt) if isinstance(prompt, str) else list(prompt)
         text = prompt if isinstance(prompt, str) else decode(ids)
         if keep is not None and len(ids) > keep:
             ids = ids[-keep:]
@@ -186,6 +271,25 @@ def prompts_of(body: CompletionRequest, context: int) -> list[Prompt]:
             )
         prompts.append(Prompt(ids, text))
     return prompts
+
+
+def engine_requests(
+    body: CompletionRequest, engine: Engine, deadline: float
+) -> tuple[list[Prompt], list[EngineRequest]]:
+    """The request in the engine's terms: its prompts, and one engine request per choice (choice i
+    continues prompts[i // n] with seed + i, see `Engine.requests`). Refuses what the engine cannot do."""
+    prompts = prompts_of(body, engine.capacity)
+    if len(prompts) * body.n > MAX_CHOICES:
+        message = f"prompts x n must be at most {MAX_CHOICES}, got {len(prompts) * body.n}"
+        raise RequestError(message, "n", "too_many_choices")
+    if body.stream and (body.logprobs is not None or body.echo):
+        param = "logprobs" if body.logprobs is not None else "echo"
+        raise RequestError(f"{param} is not supported with stream", param)
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    params = SamplingParams(body.max_tokens, body.temperature, body.top_k, body.top_p, body.seed, stop)
+    ids = [prompt.ids for prompt in prompts]
+    fields = dict(logprobs=body.logprobs, echo=body.echo, deadline=deadline)
+    return prompts, engine.requests(ids, params, body.n, **fields)
 
 
 def choice(index: int, prompt: Prompt, done: Completion, body: CompletionRequest) -> Choice:

@@ -20,6 +20,7 @@ from smallgpt import __version__
 from smallgpt.config import DEFAULT_PRESET, PRESETS
 from smallgpt.errors import SmallGPTError, os_reason
 from smallgpt.files import os_error_behind
+from smallgpt.limits import API_KEY_ENV, Limits
 
 app = typer.Typer(
     name="smallgpt",
@@ -279,6 +280,9 @@ def eval_(
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
     text_field: Annotated[str, typer.Option(help="Field holding the text in .jsonl/.parquet.")] = "text",
     device: Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps.")] = "auto",
+    dtype: Annotated[
+        str, typer.Option(help="auto (what training picks here: measured on a CPU), float32, bfloat16.")
+    ] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Loss and perplexity of a checkpoint over every block of DATA, deterministically."""
@@ -288,15 +292,15 @@ def eval_(
     # On stderr, so that --json output stays clean; a log or a pipe gets a periodic line instead.
     with progress_display(err_console, enabled=err_console.is_terminal) as bar:
         result = evaluate_checkpoint(
-            checkpoint, data, split=split, batch_size=batch_size, device=device, text_field=text_field,
-            progress=PassProgress(bar, "evaluating"),
+            checkpoint, data, split=split, batch_size=batch_size, device=device, dtype=dtype,
+            text_field=text_field, progress=PassProgress(bar, "evaluating"),
         )  # fmt: skip
     if as_json:
         print(json.dumps(result))
         return
     console.print(
         f"{result['checkpoint']} on {result['data']}: {result['tokens']:,} tokens, "
-        f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}",
+        f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} ({result['dtype']})",
         highlight=False,
     )
 
@@ -348,6 +352,7 @@ def sample(
     from smallgpt.distributed import pick_device
     from smallgpt.engine import Engine
     from smallgpt.generate import SamplingParams, quantize_int8
+    from smallgpt.kvcache import bucket
 
     params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop or ()))
     if max_new_tokens < 1:
@@ -361,7 +366,9 @@ def sample(
         except (OSError, UnicodeDecodeError) as exc:
             raise SmallGPTError(f"cannot read prompt file {prompt_file}: {exc}") from None
     model = load_model(checkpoint, pick_device(device))
-    rows = min(MAX_SAMPLE_BATCH, max(len(prompts), 1) * num_samples)
+    # Rows in powers of two, as the server's default pool: decode steps then run at the same sizes,
+    # and a seeded sample is the text the server gives the same request alone (see `DecodeStep`).
+    rows = bucket(max(len(prompts), 1) * num_samples, MAX_SAMPLE_BATCH)
     engine = Engine(quantize_int8(model) if int8 else model, max_batch=rows)
     if prompts or not interactive:
         _print_samples(engine, prompts or [""], params, num_samples)
@@ -379,19 +386,12 @@ MAX_SAMPLE_BATCH = 64  # more samples than this wait for a free row
 def _print_samples(engine, prompts: list[str], params, num_samples: int) -> None:
     """Generate `num_samples` continuations of each prompt in one batch; print them one after another,
     the one on screen as its tokens come, and a one-line summary of each to stderr."""
-    import dataclasses
     import time
-
-    from smallgpt.engine import Request
 
     if "" in prompts:
         err_console.print("note: empty prompt: starting from <|endoftext|>", highlight=False)
-    base_seed = params.seed if params.seed is not None else int(time.time_ns() % 2**63)
     shown = [p for p in prompts for _ in range(num_samples)]
-    sequences = [
-        engine.submit(Request(engine.prompt_ids(p), dataclasses.replace(params, seed=base_seed + i)))
-        for i, p in enumerate(shown)
-    ]
+    sequences = [engine.submit(request) for request in engine.requests(prompts, params, num_samples)]
     start, finished_at, printed = time.perf_counter(), {}, 0
     for i, sequence in enumerate(sequences):
         print(("-" * 40 + "\n" if i else "") + shown[i], end="", flush=True)
@@ -415,18 +415,31 @@ def serve(
     checkpoint: Annotated[str, typer.Argument(help="Run dir, checkpoint dir or .safetensors file.")],
     host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 = all.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port (1-65535).")] = 8000,
-    max_tokens_cap: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 2048,
-    max_batch: Annotated[int, typer.Option(help="Sequences decoded together (KV-cache rows).")] = 16,
-    max_queue: Annotated[int, typer.Option(help="Sequences that may wait for a row; beyond: 429.")] = 64,
-    request_timeout: Annotated[float, typer.Option(help="Seconds a request may generate for.")] = 600.0,
+    max_tokens_cap: Annotated[
+        int, typer.Option(help="Most max_tokens a request may ask.")
+    ] = Limits.max_tokens_cap,
+    max_batch: Annotated[
+        int, typer.Option(help="Sequences decoded together (cache rows).")
+    ] = Limits.max_batch,
+    max_queue: Annotated[int, typer.Option(help="Sequences that may wait; beyond: 429.")] = Limits.max_queue,
+    request_timeout: Annotated[
+        float, typer.Option(help="Seconds a request may run.")
+    ] = Limits.request_timeout,
+    batch_invariant: Annotated[
+        bool,
+        typer.Option(
+            "--batch-invariant",
+            help="Every decode step computes all --max-batch rows: a seeded text is the same whatever else "
+            "runs, but a request alone costs a full batch's step.",
+        ),
+    ] = False,
     api_key: Annotated[
         Optional[str],
-        typer.Option(envvar="SMALLGPT_API_KEY", help="Require Authorization: Bearer KEY on /v1 routes."),
+        typer.Option(envvar=API_KEY_ENV, help="Require Authorization: Bearer KEY on /v1 routes."),
     ] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps.")] = "auto",
 ) -> None:
     """Serve a model: OpenAI-compatible API at /v1/completions, playground at /."""
-    from smallgpt.serve import Limits
     from smallgpt.serve import serve as run_server
 
     limits = Limits(
@@ -435,7 +448,8 @@ def serve(
         max_queue=max_queue,
         request_timeout=request_timeout,
     )
-    run_server(checkpoint, host=host, port=port, device=device, limits=limits, api_key=api_key)
+    options = dict(host=host, port=port, device=device, limits=limits, api_key=api_key)
+    run_server(checkpoint, **options, batch_invariant=batch_invariant)
 
 
 @app.command()

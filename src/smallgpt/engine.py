@@ -4,13 +4,17 @@
     step():  sequences whose client left are dropped
              waiting requests join while the pool has free rows, each in a row of its own: a long
                prompt is prefilled (and scored, if asked); a short one is fed by the decode steps
-             every active sequence past its prompt samples one token (its own random stream, so its
-               text does not depend on what else is in the batch) and turns it into text
+             every active sequence past its prompt samples one token (from its own random stream)
+               and turns it into text
              finished sequences leave at once: <|endoftext|>, a stop string, max_new_tokens, deadline
-             one batched decode step feeds every remaining sequence its new (or next prompt) token
+             one batched decode step feeds every remaining sequence its new (or next prompt) token,
+               at a bucket of 1, 2, 4, 8, ... rows (`DecodeStep`: what that means for "same seed,
+               same text")
 
-`smallgpt sample` calls `step` until its samples are done; the server runs it on a worker thread and
-hands each sequence's text to its HTTP response (`smallgpt.serve`).
+`Engine.requests` turns prompts into n choices each (choice i samples with seed + i), for
+`smallgpt sample`, training's sample and the server alike. `smallgpt sample` calls `step` until its
+samples are done; the server runs it on a worker thread and hands each sequence's text to its HTTP
+response (`smallgpt.serve`).
 
 The context window. A prompt longer than the context keeps its last `block_size` tokens. Once prompt +
 output fill a row, what happens depends on how the model encodes positions:
@@ -49,6 +53,11 @@ FEED_UP_TO = 16
 
 # A token's score: (token id, log-probability, [(id, log-probability) of the most probable tokens]).
 TokenScore = tuple[int, float, list[tuple[int, float]]]
+
+
+def prompt_ids(prompt: str) -> list[int]:
+    """The prompt's tokens; an empty prompt starts from <|endoftext|>, as GPT-2 documents begin."""
+    return encode(prompt) or [EOT_ID]
 
 
 @dataclass(frozen=True)
@@ -95,7 +104,6 @@ class Sequence:
         self.cancelled = False
         self.logits: torch.Tensor | None = None  # next-token scores (vocab,)
         self.decoded_row: int | None = None  # which row of the last decode step's output they are
-        self.listener = None  # who to tell about new text (the server's queue for this request)
         self.cached = 0  # tokens in its KV-cache row
         self.feed: list[int] = []  # prompt tokens still to go through decode steps (short prompts)
 
@@ -134,10 +142,17 @@ class Engine:
     """Schedules sequences over a pool of `max_batch` KV-cache rows; see the module docstring.
 
     Forward passes run in eval mode (no dropout); a model in training mode is put back after each step.
-    One thread runs `step`; others may `enqueue` and set `cancelled`.
+    One thread runs `step`; others may `enqueue` and set `cancelled`. `batch_invariant`: every decode
+    step computes the whole pool, so a seeded text never depends on what else runs (see `DecodeStep`).
     """
 
-    def __init__(self, model: GPT, max_batch: int = 16, device: str | torch.device | None = None):
+    def __init__(
+        self,
+        model: GPT,
+        max_batch: int = 16,
+        device: str | torch.device | None = None,
+        batch_invariant: bool = False,
+    ):
         self.tokenizer = get_tokenizer()
         if model.config.vocab_size != self.tokenizer.n_vocab:
             raise SmallGPTError(
@@ -150,7 +165,8 @@ class Engine:
         self.model = model.to(self.device)
         dtype = next(model.parameters()).dtype
         self.pool = KVPool(model.config, max_batch, self.device, dtype)
-        self.decode = DecodeStep(self.model, self.pool, graphs=self.device.type == "cuda")
+        graphs = self.device.type == "cuda"
+        self.decode = DecodeStep(self.model, self.pool, graphs=graphs, every_row=batch_invariant)
         self.waiting: deque[Sequence] = deque()
         self.active: list[Sequence] = []  # active[i] holds pool row i
         self.decoded: torch.Tensor | None = None  # the last decode step's logits (rows, vocab)
@@ -160,9 +176,15 @@ class Engine:
         """The context: the most tokens a sequence's next token is predicted from."""
         return self.pool.capacity
 
-    def prompt_ids(self, prompt: str) -> list[int]:
-        """The prompt's tokens; an empty prompt starts from <|endoftext|>, as GPT-2 documents begin."""
-        return encode(prompt) or [EOT_ID]
+    def requests(
+        self, prompts: list[str] | list[list[int]], params: SamplingParams, n: int = 1, **fields
+    ) -> list[Request]:
+        """n choices of each prompt: choice i continues prompts[i // n] and samples with seed + i (from
+        one fresh random seed if `params` has none), so a seeded set of choices comes out the same
+        again. Text prompts are tokenized (`prompt_ids`); `fields` are the rest of every `Request`."""
+        seed = params.seed if params.seed is not None else torch.Generator().seed()
+        ids = [prompt_ids(p) if isinstance(p, str) else p for p in prompts]
+        return [Request(ids[i // n], replace(params, seed=seed + i), **fields) for i in range(len(ids) * n)]
 
     def submit(self, request: Request) -> Sequence:
         """Queue a request; it joins the batch at the next step with a free row."""
@@ -217,13 +239,9 @@ class Engine:
             self._advance()
             return changed
 
-    def generate(self, prompts: list[str], params: SamplingParams) -> list[Completion]:
-        """Complete every prompt (all in one batch); prompt i samples with seed + i."""
-        seed = params.seed if params.seed is not None else torch.Generator().seed()
-        sequences = [
-            self.submit(Request(self.prompt_ids(p), replace(params, seed=seed + i)))
-            for i, p in enumerate(prompts)
-        ]
+    def generate(self, prompts: list[str], params: SamplingParams, n: int = 1) -> list[Completion]:
+        """n completions of every prompt, all in one batch (see `requests`)."""
+        sequences = [self.submit(request) for request in self.requests(prompts, params, n)]
         while not all(s.done for s in sequences):
             self.step()
         return [s.completion() for s in sequences]

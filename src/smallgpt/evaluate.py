@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from smallgpt.distributed import Runtime, autocast, pick_device, pick_dtype
+from smallgpt.distributed import Runtime, autocast, pick_device
 from smallgpt.errors import SmallGPTError
 from smallgpt.loader import RandomBatches, load_split, require_vocabulary, sequential_batches
 from smallgpt.model import GPT
+from smallgpt.precision import name, resolve_precision
 
 
 def _scored(model: GPT, batches, runtime: Runtime, dtype: torch.dtype) -> float:
@@ -116,10 +117,14 @@ def evaluate_checkpoint(
     split: str = "val",
     batch_size: int = 8,
     device: str = "auto",
+    dtype: str = "auto",
     text_field: str = "text",
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Full-pass loss and perplexity of a checkpoint on a prepared split (DATA = dir) or a raw file."""
+    """Full-pass loss and perplexity of a checkpoint on a prepared split (DATA = dir) or a raw file.
+
+    `dtype` auto: the precision training would pick on this device (`smallgpt.precision`).
+    """
     from smallgpt.checkpoint import load_model, resolve_weights
 
     if batch_size < 1:
@@ -137,13 +142,13 @@ def evaluate_checkpoint(
         tokens = tokens_of_file(data, text_field)
         require_vocabulary(tokens, vocab, str(data))
     block_size = scoring_block(model, tokens)
-    loss = full_pass_loss(
-        model, tokens, batch_size, runtime, pick_dtype("auto", runtime.device), progress=progress
-    )
+    precision = resolve_precision(dtype, runtime.device, model.config, batch_size * block_size)
+    loss = full_pass_loss(model, tokens, batch_size, runtime, precision.dtype, progress=progress)
     return {
         "checkpoint": str(weights),
         "data": str(data) + (f" ({split})" if data.is_dir() else ""),
         "tokens": int((len(tokens) - 1) // block_size * block_size),
         "loss": loss,
         "perplexity": perplexity(loss),
+        "dtype": name(precision.dtype),
     }

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import codecs
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
@@ -24,20 +24,27 @@ from smallgpt.model import GPT
 GREEDY_BELOW = torch.finfo(torch.float32).tiny
 
 
+# Marks a field that only its own sequence reads; every other field shapes the distribution a token is
+# drawn from, and sequences are sampled together only where all of those agree (`SamplingParams.sampler`).
+PER_SEQUENCE = {"per_sequence": True}
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick each next token. Same seed, same prompt, same model -> same text.
 
-    A sequence samples from its own random stream, seeded with `seed`, so its text is the same whatever
-    else shares its batch. (The CLI's sample i and the server's choice i use seed + i.)
+    A sequence samples from its own random stream, seeded with `seed`, so the tokens drawn do not depend
+    on what else shares its batch (the logits may, in their last digits: see `DecodeStep`). The CLI's
+    sample i and the server's choice i use seed + i (`Engine.requests`).
     """
 
-    max_new_tokens: int = 100  # 0: only score the prompt (the server's max_tokens 0 with echo)
+    max_new_tokens: int = field(default=100, metadata=PER_SEQUENCE)  # 0: only score the prompt
     temperature: float = 1.0  # 0 = greedy (always the most probable token)
     top_k: int | None = None  # sample only among the k most probable tokens
     top_p: float | None = None  # ... only among the smallest set whose probability mass reaches p
-    seed: int | None = None  # None = a fresh random seed
-    stop: tuple[str, ...] = ()  # end when the text contains one of these (not included in the text)
+    seed: int | None = field(default=None, metadata=PER_SEQUENCE)  # None = a fresh random seed
+    # End when the text contains one of these (not included in the text).
+    stop: tuple[str, ...] = field(default=(), metadata=PER_SEQUENCE)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))  # accept a list too
@@ -58,8 +65,9 @@ class SamplingParams:
 
     @property
     def sampler(self) -> tuple:
-        """What decides the distribution: sequences with equal samplers are sampled as one batch."""
-        return (self.greedy, self.temperature, self.top_k, self.top_p)
+        """What decides the distribution: sequences with equal samplers are sampled as one batch. Every
+        field not marked PER_SEQUENCE, so a new field is in it unless someone says otherwise."""
+        return tuple(getattr(self, f.name) for f in fields(self) if not f.metadata.get("per_sequence"))
 
 
 def sample_next_token(
@@ -184,10 +192,16 @@ class RowText:
 class Int8Linear(nn.Module):
     """A Linear layer that stores its weight as int8 with one scale per output row (CPU inference).
 
-    Decoding one sequence on a CPU is bound by reading the weights from memory for every token
-    (~120 MB for smallgpt-10m in fp32, 60% of it the tied head); int8 reads a quarter of that. Row w
-    is stored as round(w / s) with s = max|w| / 127 (error at most s/2 per weight); inputs pass through
-    bfloat16, the input type of PyTorch's int8 weight-only matmul kernel.
+    Decoding one sequence on a CPU is bound by reading the weights for every token (~120 MB for
+    smallgpt-10m in fp32, 60% of it the head); int8 reads a quarter of that. Row w is stored as
+    round(w / s) with s = max|w| / 127 (error at most s/2 per weight). The matmul is PyTorch's int8
+    weight-only kernel, `_weight_int8pack_mm`, which widens the weights inside its loop; its vector
+    path takes bfloat16 inputs (fp32 ones run ~10x slower), so inputs pass through bfloat16.
+
+    Why not torchao's `Int8WeightOnlyConfig` (the same per-row scheme): in eager mode, as the engine
+    runs, its matmul first converts the whole weight to fp32, which made generation 7-11x slower than
+    this layer (slower than fp32 itself); compiled with bfloat16 inputs it becomes this very kernel
+    (benchmarks/RESULTS.md).
     """
 
     def __init__(self, linear: nn.Linear):
@@ -200,15 +214,15 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scale)
-        y = y.to(x.dtype).view(*x.shape[:-1], -1)
+        y = torch._weight_int8pack_mm(rows, self.weight, self.scale).to(x.dtype)
+        y = y.view(x.shape[:-1] + (-1,))
         return y if self.bias is None else y + self.bias
 
 
 def quantize_int8(model: GPT) -> GPT:
     """A copy of `model` for CPU generation with every matmul weight in int8 (embeddings stay fp32).
 
-    About twice as fast at batch 1 on a CPU; logits move by about 1% of their spread, so samples are
+    1.7-2.1x as fast at batch 1 on a 2-core CPU; logits move by 1-2% of their spread, so samples are
     as good but not bit-identical to fp32 (greedy text can differ where two tokens nearly tie).
     """
     if next(model.parameters()).device.type != "cpu":

@@ -128,38 +128,40 @@ class _DecodeLayer:
 
 
 def bucket(n: int, rows: int) -> int:
-    """The batch size a CUDA decode step for n busy rows runs at: the next power of two, at most `rows`.
-    One graph per bucket (about log2(rows) + 1 of them) instead of one per batch size."""
+    """The batch size a decode step for n busy rows runs at: the next power of two, at most `rows`.
+    A few sizes (about log2(rows) + 1) instead of one per batch size: one CUDA graph each."""
     return min(rows, 1 << (n - 1).bit_length())
 
 
 class DecodeStep:
     """One new token for each of pool rows 0..n-1 -> their next-token logits (n, vocab).
 
-    Batch invariance: a matmul's rounding depends on how many rows it multiplies (BLAS picks another
-    kernel for 1 row than for 16), and one ulp in the logits moves a sampled token now and then. So a
-    step does not run at n rows: without buckets it always runs at every row of the pool, and a row's
-    arithmetic never depends on how many others are busy -- a seeded request gets the same text alone
-    or in a full batch. Rows past n are free (length 0): they compute on a stale token and write only
-    their own slot 0, which the next prefill of that row overwrites.
+    A step computes the busy rows padded to a bucket of 1, 2, 4, 8, ... rows (`bucket`): one request
+    alone costs a one-row step, not a whole pool's. Rows past n are free (length 0): they compute on a
+    stale token and write only their own slot 0, which the next prefill of that row overwrites.
+
+    What that does to "same seed, same text": a matmul's rounding depends on how many rows it
+    multiplies (on a CPU, MKL runs one row as a matrix-vector product and switches kernels again at a
+    few row counts, which depend on the layer's width and the thread count), and one ulp in the logits
+    moves a sampled token now and then. Within one bucket a row's arithmetic is the same whatever its
+    batch-mates hold and however many of the bucket's rows are busy (tests/test_engine.py checks it
+    bit for bit), so a seeded request gets the same text whenever its steps run at the same bucket
+    sizes -- alone, always. `every_row=True` runs every step at the whole pool instead: the text is
+    then the same whatever else runs, at a whole pool's cost for every step.
 
     On CUDA a small model is bound by launching ~100 tiny kernels per token, not by arithmetic, so each
-    step is recorded as a CUDA graph and replayed with a single launch (the pool never moves and a
-    step's shapes are fixed: one token per row, attention over every slot under a mask). There steps
-    run at buckets of rows (powers of two, one graph each), as a 64-row pool would waste most of a step
-    on one request; a seeded text is then the same within a bucket. `buckets=True` runs the padded
-    bucket sizes eagerly, so they can be checked on a CPU.
+    step is recorded as a CUDA graph per bucket and replayed with a single launch (the pool never moves
+    and a step's shapes are fixed: one token per row, attention over every slot under a mask).
     """
 
-    def __init__(self, model, pool: KVPool, graphs: bool = False, buckets: bool | None = None):
-        self.model, self.pool, self.graphs = model, pool, graphs
-        self.buckets = graphs if buckets is None else buckets
+    def __init__(self, model, pool: KVPool, graphs: bool = False, every_row: bool = False):
+        self.model, self.pool, self.graphs, self.every_row = model, pool, graphs, every_row
         self.tokens = pool.lengths.new_zeros(pool.rows, 1)  # static input buffer (rows, 1)
         self.recorded: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def size(self, n: int) -> int:
         """How many rows a step for n busy rows computes."""
-        return bucket(n, self.pool.rows) if self.buckets else self.pool.rows
+        return self.pool.rows if self.every_row else bucket(n, self.pool.rows)
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         n = tokens.shape[0]

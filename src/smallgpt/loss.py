@@ -1,27 +1,56 @@
-"""Next-token cross-entropy fused with the output projection, computed in row chunks.
+"""Next-token cross-entropy fused with the output projection, computed tile by tile over the vocabulary.
 
-With a 50k-token vocabulary the head dominates memory: 8 x 256 positions x 50,304 logits is 412 MB in
-fp32, and a plain `F.cross_entropy(head(x), y)` writes it, reads it for the softmax, and keeps a gradient
-of the same size. Here each chunk of rows is projected, turned into its loss *and* its gradients
-straight away, and dropped: the full logits never exist. The arithmetic is the same as the plain
-version (forward 2NVC FLOPs, backward 4NVC), so this is a pure memory/bandwidth win.
+With a 50k-token vocabulary the head dominates: 1,024 positions x 50,304 logits is 206 MB in fp32, and
+a plain `F.cross_entropy(head(x), y)` writes it, reads it back for every elementwise pass of the softmax,
+and keeps a gradient of the same size. On a CPU that traffic, not the arithmetic, sets the speed. Here
+the vocabulary is cut into tiles of columns small enough that a tile's logits stay in the cache while
+they are reduced or turned into gradients; the full logits never exist.
 
-For softmax cross-entropy with logits z = h W^T and target t, the gradient is the textbook one:
-    dL/dz = softmax(z) - onehot(t)        (divided by the number of counted rows for the mean)
+For softmax cross-entropy with logits z = h W^T, target t and log-partition lse = log sum_v exp(z_v):
+    loss = lse - z_t
+    dL/dz = softmax(z) - onehot(t) = exp(z - lse) - onehot(t)   (divided by the counted rows for the mean)
     dL/dh = dL/dz @ W,   dL/dW = (dL/dz)^T @ h
 
-fp16 is the exception. Its smallest normal number is 6e-5, so dL/dz (probabilities of ~1e-5 divided by
-thousands of rows) underflows when cast for the matmuls, unless it is first multiplied by the loss
-scale that `torch.amp.GradScaler` puts into the incoming gradient, and that arrives only in `backward`.
-So under fp16 the forward computes the loss alone and `backward` recomputes each chunk's logits (one
-more 2NVC matmul) to form dL/dz already scaled, as autograd does for the plain version.
+The gradient needs the row's lse, which is known only after every tile has been seen. So:
+  forward   each tile's logits -> their logsumexp, merged into the running lse; then loss = lse - z_t
+            (z_t as a row-wise dot product h . W_t). 2NVC FLOPs; nothing of size N x V is kept.
+  backward  each tile's logits again (2NVC more) -> dL/dz for that tile in two passes (subtract, exp)
+            -> dL/dh += dL/dz @ W_tile and dL/dW_tile = (dL/dz)^T @ h at once (4NVC).
+Recomputing the logits costs a third more matmul work than keeping them, and saves writing and reading
+N x V numbers from memory, which on a CPU is the slower of the two (benchmarks/RESULTS.md). It also
+makes fp16 safe: the loss scale that `torch.amp.GradScaler` puts into the incoming gradient is folded
+into dL/dz before it is cast for the matmuls, so probabilities of ~1e-5 / rows do not underflow.
+Under `torch.no_grad` (evaluation) only the forward runs.
 """
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import torch
 
 IGNORE_INDEX = -1  # targets with this value contribute nothing (e.g. padding)
+# The logits of one tile: 1M numbers (4 MB in fp32, what the L2 caches of two CPU cores hold; half
+# that in bf16). Measured on a 2-core Xeon with AMX: 1M-4M elements run the head 3.5x faster than the
+# whole vocabulary at once; below ~256k elements the matmuls get too thin to reach their speed.
+TILE_ELEMENTS = 1 << 20
+MIN_TILE_COLUMNS = 256
+
+
+@functools.cache
+def l2_cache_bytes() -> int:
+    """This CPU's L2 cache per core (Linux reports it), else 2 MiB."""
+    try:
+        size = Path("/sys/devices/system/cpu/cpu0/cache/index2/size").read_text().strip()
+        return int(size.removesuffix("K")) * 1024 if size.endswith("K") else int(size)
+    except (OSError, ValueError):
+        return 2 << 20
+
+
+def tile_columns(rows: int) -> int:
+    """Vocabulary columns per tile for `rows` rows: about TILE_ELEMENTS logits, a multiple of 64."""
+    return max(MIN_TILE_COLUMNS, TILE_ELEMENTS // max(rows, 1) // 64 * 64)
 
 
 def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -32,27 +61,37 @@ def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
-def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, vocab_size: int, acc: torch.dtype) -> torch.Tensor:
-    logits = (h @ weight.t()).to(acc)
-    logits[:, vocab_size:] = float("-inf")  # padded vocabulary rows are not tokens: no probability
-    return logits
+class _TileBuffers:
+    """The logits of one tile, in buffers allocated once per call and reused by every tile: fresh
+    megabyte-sized tensors would each cost the allocator page faults. `logits(h, w_tile)` is
+    h @ w_tile^T in the accumulation dtype (through a matmul-dtype buffer under autocast)."""
+
+    def __init__(self, rows: int, columns: int, mm_dtype: torch.dtype, acc: torch.dtype, device):
+        self.acc = torch.empty(rows * columns, dtype=acc, device=device)
+        self.mm = None if mm_dtype == acc else torch.empty(rows * columns, dtype=mm_dtype, device=device)
+        self.rows = rows
+
+    def view(self, buffer: torch.Tensor, columns: int) -> torch.Tensor:
+        return buffer[: self.rows * columns].view(self.rows, columns)
+
+    def logits(self, h: torch.Tensor, w_tile: torch.Tensor) -> torch.Tensor:
+        acc = self.view(self.acc, len(w_tile))
+        if self.mm is None:
+            return torch.mm(h, w_tile.t(), out=acc)
+        return acc.copy_(torch.mm(h, w_tile.t(), out=self.view(self.mm, len(w_tile))))
+
+    def in_mm_dtype(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` (a tile in the accumulation dtype) cast into the matmul-dtype buffer."""
+        return values if self.mm is None else self.view(self.mm, values.shape[1]).copy_(values)
 
 
-def _chunk_gradients(logits, log_z, targets, row_factor, h, weight) -> tuple[torch.Tensor, torch.Tensor]:
-    """dL/dh and dL/dW of one chunk; `row_factor` multiplies each row's dL/dz (0 for ignored rows).
-
-    Overwrites `logits`. dL/dz is formed in the accumulation dtype and cast to the matmul dtype last.
-    """
-    grad_logits = torch.exp_(logits.sub_(log_z[:, None]))  # softmax
-    grad_logits[torch.arange(len(targets), device=targets.device), targets] -= 1.0
-    grad_logits *= row_factor[:, None]
-    grad_logits = grad_logits.to(h.dtype)
-    return grad_logits @ weight, grad_logits.t() @ h
+def _tiles(vocab_size: int, columns: int):
+    return (slice(start, min(start + columns, vocab_size)) for start in range(0, vocab_size, columns))
 
 
-class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+class _TiledLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, vocab_size, chunk_rows, needs_grad):  # type: ignore[override]
+    def forward(ctx, hidden, weight, targets, vocab_size, columns):  # type: ignore[override]
         mm_dtype = _matmul_dtype(hidden, weight)
         h_mm, w_mm = hidden.to(mm_dtype), weight.to(mm_dtype)
         # The softmax and the sums run in at least fp32 even when the matmuls run in bf16/fp16.
@@ -60,53 +99,46 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         valid = targets != IGNORE_INDEX
         safe_targets = targets.clamp(min=0)
         row_factor = valid.to(acc) / valid.sum().clamp(min=1)  # the mean over counted rows
-        deferred = needs_grad and mm_dtype == torch.float16  # gradients in backward (module docstring)
-        in_forward = needs_grad and not deferred
-        if in_forward:
-            grad_hidden = torch.empty_like(hidden)
-            grad_weight = torch.zeros_like(weight, dtype=acc)
-        log_z_all = torch.empty(len(targets), dtype=acc, device=hidden.device)
-        total = torch.zeros((), dtype=acc, device=hidden.device)
-        for start in range(0, len(targets), chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            logits = _chunk_logits(h_mm[rows], w_mm, vocab_size, acc)
-            log_z = log_z_all[rows] = torch.logsumexp(logits, dim=-1)
-            target_logit = logits.gather(1, safe_targets[rows, None]).squeeze(1)
-            total += ((log_z - target_logit) * row_factor[rows]).sum()
-            if in_forward:
-                grad_h, grad_w = _chunk_gradients(
-                    logits, log_z, safe_targets[rows], row_factor[rows], h_mm[rows], w_mm
-                )
-                grad_hidden[rows] = grad_h
-                grad_weight += grad_w
-        ctx.deferred, ctx.vocab_size, ctx.chunk_rows = deferred, vocab_size, chunk_rows
-        ctx.input_dtypes = hidden.dtype, weight.dtype
-        if deferred:
-            ctx.save_for_backward(h_mm, w_mm, safe_targets, row_factor, log_z_all)
-        elif in_forward:
-            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
-        return total
+        buffers = _TileBuffers(len(targets), columns, mm_dtype, acc, hidden.device)
+        # Online logsumexp: a running max M and a running sum S of exp(z - M) over the tiles seen;
+        # a larger max rescales the sum by exp(M_old - M_new). Then lse = M + log S.
+        running_max = torch.full((len(targets), 1), float("-inf"), dtype=acc, device=hidden.device)
+        running_sum = torch.zeros(len(targets), 1, dtype=acc, device=hidden.device)
+        for tile in _tiles(vocab_size, columns):
+            logits = buffers.logits(h_mm, w_mm[tile])
+            new_max = torch.maximum(running_max, logits.amax(dim=1, keepdim=True))
+            running_sum *= torch.exp(running_max - new_max)
+            running_sum += logits.sub_(new_max).exp_().sum(dim=1, keepdim=True)
+            running_max = new_max
+        log_z = (running_max + running_sum.log()).squeeze(1)
+        target_logit = (h_mm.to(acc) * w_mm[safe_targets].to(acc)).sum(dim=1)
+        ctx.save_for_backward(h_mm, w_mm, safe_targets, row_factor, log_z)
+        ctx.vocab_size, ctx.columns, ctx.input_dtypes = vocab_size, columns, (hidden.dtype, weight.dtype)
+        return ((log_z - target_logit) * row_factor).sum()
 
     @staticmethod
     def backward(ctx, grad_loss):  # type: ignore[override]
-        if not ctx.deferred:
-            grad_hidden, grad_weight = ctx.saved_tensors
-            grad_hidden, grad_weight = grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss
-            return grad_hidden, grad_weight, None, None, None, None
-        h_mm, w_mm, targets, row_factor, log_z_all = ctx.saved_tensors
-        acc = log_z_all.dtype
-        row_factor = row_factor * grad_loss  # the loss scale enters before the cast to fp16
-        grad_hidden = torch.empty(h_mm.shape, dtype=ctx.input_dtypes[0], device=h_mm.device)
-        grad_weight = torch.zeros(w_mm.shape, dtype=acc, device=w_mm.device)
-        for start in range(0, len(targets), ctx.chunk_rows):
-            rows = slice(start, start + ctx.chunk_rows)
-            logits = _chunk_logits(h_mm[rows], w_mm, ctx.vocab_size, acc)
-            grad_h, grad_w = _chunk_gradients(
-                logits, log_z_all[rows], targets[rows], row_factor[rows], h_mm[rows], w_mm
-            )
-            grad_hidden[rows] = grad_h
-            grad_weight += grad_w
-        return grad_hidden, grad_weight.to(ctx.input_dtypes[1]), None, None, None, None
+        h_mm, w_mm, targets, row_factor, log_z = ctx.saved_tensors
+        # exp(z - lse) * f = exp(z - (lse - log f)): each row's factor f (the mean's 1/rows times the
+        # incoming gradient, which may hold a loss scale) rides in the subtraction, and an ignored row
+        # (f = 0) gets exp(-inf) = 0. The incoming gradient's sign is applied to h and dL/dh instead.
+        row_factor = row_factor * grad_loss.abs()
+        sign = grad_loss.sign().to(h_mm.dtype)
+        shift = (log_z - row_factor.log())[:, None]
+        signed_hidden = h_mm * sign
+        buffers = _TileBuffers(len(targets), ctx.columns, h_mm.dtype, log_z.dtype, h_mm.device)
+        grad_hidden = torch.zeros(h_mm.shape, dtype=log_z.dtype, device=h_mm.device)
+        grad_weight = torch.zeros(w_mm.shape, dtype=ctx.input_dtypes[1], device=w_mm.device)
+        for tile in _tiles(ctx.vocab_size, ctx.columns):
+            w_tile = w_mm[tile]
+            grad_logits = buffers.in_mm_dtype(buffers.logits(h_mm, w_tile).sub_(shift).exp_())
+            # - onehot(t) * f, for the rows whose target falls in this tile
+            hit = (targets >= tile.start) & (targets < tile.stop)
+            column = (targets - tile.start).clamp(0, tile.stop - tile.start - 1)[:, None]
+            grad_logits.scatter_add_(1, column, -(row_factor * hit).to(h_mm.dtype)[:, None])
+            grad_hidden += grad_logits @ w_tile
+            grad_weight[tile] = grad_logits.t() @ signed_hidden
+        return (grad_hidden * sign).to(ctx.input_dtypes[0]), grad_weight, None, None, None
 
 
 def linear_cross_entropy(
@@ -114,14 +146,13 @@ def linear_cross_entropy(
     weight: torch.Tensor,
     targets: torch.Tensor,
     vocab_size: int,
-    chunk_rows: int = 1024,
+    columns: int | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T` (only the first `vocab_size` columns are tokens).
 
     hidden: (N, C) final hidden states; weight: (V_padded, C) output embedding; targets: (N,) ids.
-    Under `torch.no_grad` (evaluation) no gradient work is done at all.
+    `columns`: vocabulary columns per tile (default: sized for the cache, `tile_columns`).
     """
-    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _ChunkedLinearCrossEntropy.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), vocab_size, chunk_rows, needs_grad
-    )
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    columns = columns or tile_columns(len(targets))
+    return _TiledLinearCrossEntropy.apply(hidden, weight, targets, vocab_size, columns)

@@ -2,11 +2,12 @@
 
 Two recipes, picked by `TrainConfig.optimizer`:
   adamw   the seed's: AdamW everywhere, weight decay on matrices only.
-  muon    the modern one: `torch.optim.Muon` for the 2-D matrices inside the blocks, AdamW for the
-          rest (token embedding, output head, norm gains, biases). Muon replaces each update matrix by
-          the nearest orthogonal one (Newton-Schulz iterations), so every direction of a hidden layer
-          learns at the same rate; embeddings and the head are lookups and per-token scores, for
-          which that geometry is wrong, so they keep AdamW.
+  muon    the modern one: Muon (`torch.optim.Muon`'s step, Newton-Schulz in the dtype this machine
+          runs fastest) for the 2-D matrices inside the blocks, AdamW for the rest (token embedding,
+          output head, norm gains, biases). Muon replaces each update matrix by the nearest orthogonal
+          one (Newton-Schulz iterations), so every direction of a hidden layer learns at the same
+          rate; embeddings and the head are lookups and per-token scores, for which that geometry is
+          wrong, so they keep AdamW.
 Muon's peak rate is `muon_lr`, AdamW's `learning_rate` (the embedding's `embedding_lr` and an untied
 head's `head_lr` where given); the schedule scales all alike, and moves Muon's momentum too
 (`muon_momentum_at`: lower while the weights are far from home, lower again as the steps shrink):
@@ -18,6 +19,7 @@ head's `head_lr` where given); the schedule scales all alike, and moves Muon's m
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,6 +29,69 @@ if TYPE_CHECKING:  # recipe.py imports this module's names at runtime, so these 
     from smallgpt.recipe import TrainConfig
 
 SCHEDULES = ("cosine", "wsd")
+
+
+class Muon(torch.optim.Muon):
+    """`torch.optim.Muon` with its Newton-Schulz iterations in `ns_dtype`.
+
+    torch's iterates in bf16, which GPUs and CPUs with AMX or AVX-512 BF16 multiply fast; a CPU
+    without them emulates bf16 and is faster in fp32 (`smallgpt.precision` measures which). The step
+    is torch's (`_single_tensor_muon`), written out so the iteration's dtype can change: in bf16 it
+    computes what torch.optim.Muon computes bit for bit (tests/test_optim.py).
+    """
+
+    def __init__(self, params, *, ns_dtype: torch.dtype = torch.bfloat16, **settings):
+        super().__init__(params, **settings)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            for param in (p for p in group["params"] if p.grad is not None):
+                state = self.state[param]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(param.grad)
+                buffer = state["momentum_buffer"]
+                buffer.lerp_(param.grad, 1 - momentum)
+                update = param.grad.lerp(buffer, momentum) if group["nesterov"] else buffer
+                update = orthogonalise(update, group["ns_coefficients"], group["ns_steps"], group["eps"],
+                                       self.ns_dtype)  # fmt: skip
+                param.mul_(1 - lr * group["weight_decay"])
+                param.add_(update, alpha=-lr * lr_ratio(group["adjust_lr_fn"], param.shape))
+        return loss
+
+
+def orthogonalise(matrix: torch.Tensor, coefficients, steps: int, eps: float, dtype: torch.dtype):
+    """Newton-Schulz: X <- a X + (b A + c A^2) X with A = X X^T, from X = M / |M|_F, in `dtype`.
+
+    The quintic's coefficients (a, b, c) push every singular value of X towards ~1 in a few steps,
+    so the result is close to U V^T of M = U S V^T: the nearest orthogonal matrix. Iterating on the
+    wide orientation keeps A = X X^T the small side.
+    """
+    a, b, c = coefficients
+    x = matrix.to(dtype)
+    tall = matrix.size(0) > matrix.size(1)
+    if tall:
+        x = x.T
+    x.div_(x.norm().clamp(min=eps))  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+def lr_ratio(adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """Muon's per-matrix rate multiplier: match AdamW's update RMS (0.2 sqrt(max side)), or Keller
+    Jordan's original sqrt(max(1, rows / columns))."""
+    rows, columns = shape[:2]
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, columns))
+    return math.sqrt(max(1, rows / columns))
 
 
 class Optimizers:
@@ -65,25 +130,37 @@ def muon_parameters(model: GPT) -> list[torch.nn.Parameter]:
     return [p for p in model.transformer.h.parameters() if p.dim() == 2 and p.requires_grad]
 
 
-def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer | Optimizers:
-    """The recipe's optimizer (`TrainConfig.optimizer` names a row of `OPTIMIZERS`)."""
+@dataclass(frozen=True)
+class Kernels:
+    """How this machine runs the optimizers: fused AdamW or not, and Muon's Newton-Schulz dtype."""
+
+    fused: bool | None
+    ns_dtype: torch.dtype
+
+
+def make_optimizer(
+    model: GPT, cfg: TrainConfig, device: torch.device, ns_dtype: torch.dtype = torch.bfloat16
+) -> torch.optim.Optimizer | Optimizers:
+    """The recipe's optimizer (`TrainConfig.optimizer` names a row of `OPTIMIZERS`); Muon's
+    Newton-Schulz in `ns_dtype` (`smallgpt.precision` measures which one this machine runs faster)."""
     params = [p for p in model.parameters() if p.requires_grad]  # a tied head appears once
     # One fused AdamW kernel over all its parameters: on GPUs, and on CPUs (3x faster than the
     # loop-per-tensor version for smallgpt-10m here); MPS keeps the default.
     fused = True if device.type in ("cuda", "cpu") else None
-    return OPTIMIZERS[cfg.optimizer](model, params, cfg, fused)
+    return OPTIMIZERS[cfg.optimizer](model, params, cfg, Kernels(fused, ns_dtype))
 
 
-def _adamw(model: GPT, params: list, cfg: TrainConfig, fused: bool | None) -> torch.optim.AdamW:
+def _adamw(model: GPT, params: list, cfg: TrainConfig, kernels: Kernels) -> torch.optim.AdamW:
     """The seed's: AdamW everywhere, weight decay on matrices (matmul weights, embeddings) only."""
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    betas = (cfg.beta1, cfg.beta2)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, fused=kernels.fused)
 
 
-def _muon(model: GPT, params: list, cfg: TrainConfig, fused: bool | None) -> Optimizers:
+def _muon(model: GPT, params: list, cfg: TrainConfig, kernels: Kernels) -> Optimizers:
     """The modern one: Muon for the blocks' matrices, AdamW for the rest, stepped as one."""
     matrices = muon_parameters(model)
     embedding = model.transformer.wte.weight
@@ -92,9 +169,9 @@ def _muon(model: GPT, params: list, cfg: TrainConfig, fused: bool | None) -> Opt
     rest = [p for p in params if id(p) not in taken]
     # "match_rms_adamw" scales each matrix's step so its RMS matches a typical AdamW step (0.2 lr),
     # whatever its shape: one learning rate fits the square attention and the wide MLP matrices.
-    muon = torch.optim.Muon(
+    muon = Muon(
         matrices, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, ns_steps=cfg.muon_ns_steps,
-        adjust_lr_fn="match_rms_adamw", momentum=muon_momentum_at(cfg, 0),
+        adjust_lr_fn="match_rms_adamw", ns_dtype=kernels.ns_dtype, momentum=muon_momentum_at(cfg, 0),
     )  # fmt: skip
     # The embedding has a group of its own: each update touches only the rows of the tokens seen,
     # and (as in modded-nanogpt) those rows want a larger step than the head and the norm gains,
@@ -108,7 +185,9 @@ def _muon(model: GPT, params: list, cfg: TrainConfig, fused: bool | None) -> Opt
     ]
     groups = [group for group in groups if group["params"]]
     betas = (cfg.beta1, cfg.beta2)
-    adamw = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, weight_decay=0.0, fused=fused)
+    adamw = torch.optim.AdamW(
+        groups, lr=cfg.learning_rate, betas=betas, weight_decay=0.0, fused=kernels.fused
+    )
     return Optimizers(muon, adamw)
 
 

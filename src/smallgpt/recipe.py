@@ -68,7 +68,9 @@ class TrainConfig:
     keep_last: int = 3  # step checkpoints kept besides best/
     seed: int = 1337
     device: str = "auto"  # auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps
-    dtype: str = "auto"  # auto (bf16, or fp16 + gradient scaling, on CUDA; fp32 elsewhere) or a name
+    # auto: bf16, or fp16 + gradient scaling, on CUDA; on a CPU bf16 where it measures faster
+    # (smallgpt.precision), else fp32; fp32 on MPS. Or a name: float32, bfloat16, float16.
+    dtype: str = "auto"
     compile: bool | None = None  # torch.compile the model; None = on CUDA only (CPU: slow to start)
     fused_loss: bool = True  # chunked linear + cross-entropy (smallgpt.loss) instead of full logits
     sample_tokens: int = 200  # tokens of generated text printed at the end; 0 = none

@@ -7,14 +7,16 @@
     GET  /openapi.json     the schema (and /docs to browse it)
 
 How requests share the model: continuous batching (`smallgpt.engine`). One worker thread runs engine
-steps for as long as any sequence is waiting or active; every choice of every request is one sequence.
-A step moves every active sequence by one token in one batched forward pass, so 16 concurrent requests
-cost about what one costs. The event loop never runs torch: it submits sequences and receives each
-step's text through a queue per request. Admission control: at most --max-batch sequences decode at
-once and --max-queue more wait; a request that would go beyond is refused with 429 and Retry-After
-rather than queued without bound. Each request has a time limit (--request-timeout: it ends with what
-it has, finish_reason "length", as llama.cpp's time limit does). A client that disconnects has its
-sequences cancelled; the worker frees their rows at its next step.
+steps for as long as any sequence is waiting or active; every choice of every request is one sequence. A
+step moves every active sequence by one token in one batched forward pass, so 16 concurrent requests
+cost about what one costs, and one request alone costs a one-row step (--batch-invariant: a whole pool's
+step, so that a seeded text never depends on what else runs; see `DecodeStep`). The event loop never
+runs torch: it submits sequences and receives each step's text through a queue per request. Admission
+control: at most --max-batch sequences decode at once and --max-queue more wait; a request that would go
+beyond is refused with 429 and Retry-After rather than queued without bound. Each request has a time
+limit (--request-timeout: it ends with what it has, finish_reason "length", as llama.cpp's time limit
+does). A client that disconnects has its sequences cancelled; the worker frees their rows at its next
+step.
 
 With --api-key (or SMALLGPT_API_KEY), the /v1 routes require `Authorization: Bearer KEY` (401
 otherwise, compared in constant time); /health, the playground page and the schema stay open.
@@ -34,7 +36,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -57,39 +58,10 @@ from smallgpt.checkpoint import WEIGHTS_NAME
 from smallgpt.engine import Completion, Engine, Sequence
 from smallgpt.engine import Request as EngineRequest
 from smallgpt.errors import SmallGPTError
-from smallgpt.generate import SamplingParams
+from smallgpt.limits import Limits
 from smallgpt.model import GPT
 
 log = logging.getLogger("smallgpt.serve")
-
-DEFAULT_MAX_TOKENS_CAP = 2048
-DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more text than any context holds
-DEFAULT_MAX_BATCH = 16
-DEFAULT_MAX_QUEUE = 64
-DEFAULT_REQUEST_TIMEOUT = 600.0  # seconds
-API_KEY_ENV = "SMALLGPT_API_KEY"
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    max_batch: int = DEFAULT_MAX_BATCH
-    max_queue: int = DEFAULT_MAX_QUEUE
-    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
-
-    def __post_init__(self) -> None:
-        checks = [
-            ("max_tokens cap", self.max_tokens_cap, 1),
-            ("max_batch", self.max_batch, 1),
-            ("max_queue", self.max_queue, 0),
-        ]
-        for name, value, least in checks:
-            if value < least:
-                raise SmallGPTError(f"{name} must be at least {least}, got {value}")
-        if not self.request_timeout > 0:
-            raise SmallGPTError(f"request_timeout must be positive, got {self.request_timeout}")
-
 
 # --- the engine on its worker thread ---
 
@@ -105,6 +77,9 @@ class EngineWorker:
     def __init__(self, engine: Engine, limits: Limits):
         self.engine, self.limits = engine, limits
         self.in_flight = 0  # sequences admitted and not yet answered (event loop thread only)
+        # Who to tell about each sequence's text: (event loop, its request's queue, choice index, whether
+        # it wants deltas). Added before the engine sees a sequence, removed when its request ends.
+        self.listeners: dict[Sequence, tuple[asyncio.AbstractEventLoop, asyncio.Queue, int, bool]] = {}
         self.wake = threading.Event()
         self.closed = False
         self.thread = threading.Thread(target=self._run, name="smallgpt-engine", daemon=True)
@@ -122,11 +97,13 @@ class EngineWorker:
                 log.exception("generation failed")
                 self._hand_out(self.engine.abandon(), failure=exc)
 
-    @staticmethod
-    def _hand_out(sequences: list[Sequence], failure: Exception | None = None) -> None:
+    def _hand_out(self, sequences: list[Sequence], failure: Exception | None = None) -> None:
         """Queue each sequence's new text, and its completion once done, for its request."""
         for sequence in sequences:
-            loop, queue, index, wants_deltas = sequence.listener
+            listener = self.listeners.get(sequence)
+            if listener is None:  # its request has ended (the client left)
+                continue
+            loop, queue, index, wants_deltas = listener
             result = failure or (sequence.completion() if sequence.done else None)
             if wants_deltas or result is not None:  # a plain request waits for the end only
                 delta = "" if failure else sequence.delta
@@ -149,7 +126,7 @@ class EngineWorker:
         try:
             for index, request in enumerate(requests):
                 sequences.append(self.engine.prepare(request))
-                sequences[-1].listener = (loop, queue, index, deltas)
+                self.listeners[sequences[-1]] = (loop, queue, index, deltas)
             self.engine.enqueue(sequences)
             self.wake.set()
             unfinished = len(sequences)
@@ -170,6 +147,7 @@ class EngineWorker:
         finally:
             self.in_flight -= len(requests)
             for sequence in sequences:
+                self.listeners.pop(sequence, None)
                 sequence.cancelled = True  # (finished ones are gone already: no effect)
 
     def close(self) -> None:
@@ -185,35 +163,19 @@ class EngineWorker:
 class Server:
     """What the routes share: the model's name and context, the limits, the engine worker."""
 
-    def __init__(self, model: GPT, model_name: str, limits: Limits):
+    def __init__(self, model: GPT, model_name: str, limits: Limits, batch_invariant: bool = False):
         self.model_name, self.limits = model_name, limits
         self.context = model.config.block_size
-        self.worker = EngineWorker(Engine(model.eval(), max_batch=limits.max_batch), limits)
+        engine = Engine(model.eval(), max_batch=limits.max_batch, batch_invariant=batch_invariant)
+        self.worker = EngineWorker(engine, limits)
         self.created = int(time.time())
-
-    def engine_requests(self, body: CompletionRequest, prompts: list[api.Prompt]) -> list[EngineRequest]:
-        """One engine request per choice: choice i continues prompts[i // n] with seed + i."""
-        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-        deadline = time.monotonic() + self.limits.request_timeout
-        requests = []
-        for index in range(len(prompts) * body.n):
-            seed = None if body.seed is None else (body.seed + index) % api.SEED_RANGE
-            params = SamplingParams(body.max_tokens, body.temperature, body.top_k, body.top_p, seed, stop)
-            prompt = prompts[index // body.n].ids
-            requests.append(EngineRequest(prompt, params, body.logprobs, body.echo, deadline))
-        return requests
 
     async def complete(self, body: CompletionRequest, http: Request):
         """Continue the prompt(s). With `stream`, server-sent events of chunks, then `data: [DONE]`."""
-        prompts = api.prompts_of(body, self.context)
-        if len(prompts) * body.n > api.MAX_CHOICES:
-            message = f"prompts x n must be at most {api.MAX_CHOICES}, got {len(prompts) * body.n}"
-            return error_response(400, message, param="n", code="too_many_choices")
-        if body.stream and (body.logprobs is not None or body.echo):
-            param = "logprobs" if body.logprobs is not None else "echo"
-            return error_response(400, f"{param} is not supported with stream", param=param)
+        deadline = time.monotonic() + self.limits.request_timeout
+        prompts, requests = api.engine_requests(body, self.worker.engine, deadline)
         reply = dict(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.model_name)
-        events = self.worker.run(http, self.engine_requests(body, prompts), deltas=body.stream)
+        events = self.worker.run(http, requests, deltas=body.stream)
         try:
             first = await anext(events, None)  # admission (429) is decided before any header is sent
         except Overloaded:
@@ -277,11 +239,16 @@ async def sse_chunks(events, reply: dict, n: int, include_usage: bool) -> AsyncI
 
 
 def create_app(
-    model: GPT, *, model_name: str = "smallgpt", limits: Limits | None = None, api_key: str | None = None
+    model: GPT,
+    *,
+    model_name: str = "smallgpt",
+    limits: Limits | None = None,
+    api_key: str | None = None,
+    batch_invariant: bool = False,
 ) -> FastAPI:
-    """The HTTP app serving `model` (on the device its weights are on)."""
+    """The HTTP app serving `model` (on the device its weights are on); `batch_invariant`: see `Engine`."""
     limits = limits or Limits()
-    server = Server(model, model_name, limits)
+    server = Server(model, model_name, limits, batch_invariant)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -349,6 +316,7 @@ def serve(
     device: str = "auto",
     limits: Limits | None = None,
     api_key: str | None = None,
+    batch_invariant: bool = False,
 ) -> None:
     """Load a checkpoint and serve it with uvicorn until interrupted (localhost unless told otherwise)."""
     import uvicorn
@@ -361,7 +329,7 @@ def serve(
         raise SmallGPTError(f"port must be in 1..65535, got {port}")
     model, name = load_model(checkpoint, pick_device(device)), model_name(checkpoint)
     sock = bound_socket(host, port)
-    app = create_app(model, model_name=name, limits=limits, api_key=api_key)
+    app = create_app(model, model_name=name, limits=limits, api_key=api_key, batch_invariant=batch_invariant)
     print(f"serving {name} at http://{host}:{port}/  (API: /v1/completions, schema: /openapi.json)")
     config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])

@@ -47,7 +47,7 @@ from smallgpt.checkpoint import (
     step_checkpoints,
 )
 from smallgpt.config import GPT2_VOCAB_SIZE
-from smallgpt.distributed import Runtime, StopSignal, autocast, pick_dtype
+from smallgpt.distributed import Runtime, StopSignal, autocast
 from smallgpt.errors import SmallGPTError, first_line
 from smallgpt.evaluate import estimate_loss, full_pass_loss, perplexity
 from smallgpt.files import WriteError, atomic_write_dir, atomic_write_text, remove_temporaries
@@ -55,6 +55,7 @@ from smallgpt.loader import DeviceBatches, RandomBatches, data_identity, load_sp
 from smallgpt.model import GPT
 from smallgpt.monitor import RunMonitor, datasheet_peak, measure_matmul_peak, trim_metrics
 from smallgpt.optim import learning_rate_at, make_optimizer, set_learning_rates
+from smallgpt.precision import name, resolve_precision
 from smallgpt.recipe import (
     RunConfig,
     TrainConfig,
@@ -85,7 +86,6 @@ class Trainer:
                 f"= {per_update}"
             )
         self.accumulation = cfg.batch_size // per_update
-        self.dtype = pick_dtype(cfg.dtype, device)
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.train_tokens, self.val_tokens = training_data(
@@ -93,6 +93,10 @@ class Trainer:
         )
         self.data = data_identity(data_dir)
         check_memory(run.model, cfg.micro_batch_size, device)
+        # auto on a CPU: bf16 autocast where this CPU multiplies bf16 fast enough (smallgpt.precision)
+        rows = cfg.micro_batch_size * run.model.block_size
+        self.precision = resolve_precision(cfg.dtype, device, run.model, rows)
+        self.dtype = self.precision.dtype
         torch.manual_seed(cfg.seed)
         self.model = GPT(run.model).to(device)
         checkpoint_bytes = 16 * sum(p.numel() for p in self.model.parameters())  # weights + 2 moments
@@ -104,7 +108,7 @@ class Trainer:
                 raise SmallGPTError(
                     f"{out_dir} already holds a run: continue it with --resume or pick another --out"
                 )
-        self.optimizer = make_optimizer(self.model, cfg, device)
+        self.optimizer = make_optimizer(self.model, cfg, device, self.precision.ns_dtype)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         block, micro, rank, world = (
             run.model.block_size,
@@ -145,7 +149,8 @@ class Trainer:
         load_weights_into(self.model, checkpoint / WEIGHTS_NAME)
         try:
             self.optimizer.load_state_dict(start.trainer_state["optimizer"])
-            self.scaler.load_state_dict(start.trainer_state["scaler"])
+            if start.trainer_state["scaler"] or not self.scaler.is_enabled():  # from fp32/bf16: fresh scale
+                self.scaler.load_state_dict(start.trainer_state["scaler"])
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:  # a damaged or foreign trainer.pt
             raise SmallGPTError(
                 f"checkpoint {checkpoint} has a damaged optimizer state ({first_line(exc)})"
@@ -159,6 +164,13 @@ class Trainer:
         if self.rt.is_main:
             trim_metrics(self.out_dir, self.step)
             self.console.print(f"resuming {checkpoint} at step {self.step}", highlight=False)
+            saved_dtype = state.get("dtype", name(self.dtype))
+            if saved_dtype != name(self.dtype):  # master weights and optimizer state are fp32 in both
+                self.console.print(
+                    f"precision: the checkpoint trained in {saved_dtype}, this run continues in "
+                    f"{name(self.dtype)} (weights and optimizer state are fp32 either way)",
+                    highlight=False,
+                )
 
     @property
     def tokens_per_update(self) -> int:
@@ -239,7 +251,8 @@ class Trainer:
         cap = self.cfg.final_eval_tokens
         if cap == 0:
             return None
-        what = "final validation pass" + ("" if cap is None else f" (first {cap:,} tokens)")
+        what = f"final validation pass in {name(self.dtype)}"
+        what += "" if cap is None else f" (first {cap:,} tokens)"
         final = full_pass_loss(
             self.model, self.val_tokens, self.cfg.micro_batch_size, self.rt, self.dtype,
             max_tokens=cap, progress=self.monitor.pass_progress(what),
@@ -259,7 +272,7 @@ class Trainer:
             f"{total / 1e6:.2f}M tokens "
             f"(micro-batch {cfg.micro_batch_size} x {self.accumulation} accumulation x {self.rt.world_size} "
             f"process(es) x {m.block_size} tokens; {total / max(len(self.train_tokens), 1):.2f} epochs)\n"
-            f"device: {self.rt.device}, {str(self.dtype).removeprefix('torch.')}; run dir: {self.out_dir}",
+            f"device: {self.rt.device}, {self.precision.describe()}; run dir: {self.out_dir}",
             highlight=False,
         )
         if cfg.warmup_iters > cfg.max_iters:
@@ -326,6 +339,7 @@ class Trainer:
             "sampler": self.batches.state_dict(),
             "config": self.run.to_dict(),
             "data": self.data,
+            "dtype": name(self.dtype),
         }
         trainer_state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
         directory = self.out_dir / "checkpoints" / f"step-{self.step:07d}"
