@@ -47,10 +47,10 @@ from smallgpt.config import PRESETS
 from smallgpt.engine import Engine, Request
 from smallgpt.evaluate import evaluate_checkpoint
 from smallgpt.generate import SamplingParams, quantize_int8
+from smallgpt.limits import Limits
 from smallgpt.loader import load_split
 from smallgpt.recipe import resolve_config
 from smallgpt.runs import train_command
-from smallgpt.serve import DEFAULT_MAX_BATCH
 from smallgpt.tokenizer import EOT_ID, decode, encode
 
 transformers = pytest.importorskip("transformers")
@@ -406,7 +406,7 @@ def test_gguf_export_reads_back_with_our_weights(trained, tmp_path, cli):
 def served(trained):
     """One live `smallgpt serve` per architecture, its openai client, and the engine it must agree with."""
     with running_server(trained.run, "--device", "cpu") as base:
-        reference = Engine(trained.model(), max_batch=DEFAULT_MAX_BATCH)  # the server's arithmetic
+        reference = Engine(trained.model(), max_batch=Limits().max_batch)  # the server's arithmetic
         yield openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60), reference
 
 

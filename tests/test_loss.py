@@ -70,7 +70,7 @@ def test_matmul_work_is_the_forward_alone_under_no_grad(dtype):
 
 @pytest.mark.parametrize("factor", [-2.0, 0.0, 3.0])
 def test_the_incoming_gradient_scales_both_gradients_whatever_its_sign(factor):
-    """backward folds the incoming gradient into exp(z - lse + log f) and applies its sign apart."""
+    """backward multiplies dL/dz by the incoming gradient's size and applies its sign apart."""
     hidden, weight, targets = head_inputs()
     hidden.requires_grad_(), weight.requires_grad_()
     (factor * fused(hidden, weight, targets)).backward()
@@ -79,6 +79,19 @@ def test_the_incoming_gradient_scales_both_gradients_whatever_its_sign(factor):
     (factor * plain(hidden, weight, targets)).backward()
     torch.testing.assert_close(got[0], hidden.grad, atol=1e-7, rtol=1e-4)
     torch.testing.assert_close(got[1], weight.grad, atol=1e-7, rtol=1e-4)
+
+
+def test_a_power_of_two_scale_gives_exactly_that_multiple_of_the_gradients():
+    """What makes accumulating micro-batches (loss / steps) and averaging over DDP processes compute the
+    same bits: halving the loss halves every gradient exactly, not just to rounding."""
+    hidden, weight, targets = head_inputs()
+    grads = []
+    for factor in (1.0, 0.5, 2.0**-16):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        (factor * fused(h, w, targets)).backward()
+        grads.append((h.grad / factor, w.grad / factor))
+    for h_grad, w_grad in grads[1:]:
+        assert torch.equal(h_grad, grads[0][0]) and torch.equal(w_grad, grads[0][1])
 
 
 def test_tiles_hold_about_a_million_logits_whatever_the_rows():

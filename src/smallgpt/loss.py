@@ -18,8 +18,11 @@ The gradient needs the row's lse, which is known only after every tile has been 
             -> dL/dh += dL/dz @ W_tile and dL/dW_tile = (dL/dz)^T @ h at once (4NVC).
 Recomputing the logits costs a third more matmul work than keeping them, and saves writing and reading
 N x V numbers from memory, which on a CPU is the slower of the two (benchmarks/RESULTS.md). It also
-makes fp16 safe: the loss scale that `torch.amp.GradScaler` puts into the incoming gradient is folded
-into dL/dz before it is cast for the matmuls, so probabilities of ~1e-5 / rows do not underflow.
+makes fp16 safe: the loss scale that `torch.amp.GradScaler` puts into the incoming gradient multiplies
+dL/dz in fp32 before it is cast for the matmuls, so probabilities of ~1e-5 / rows do not underflow. It is a
+multiplication, not a shift inside the exp, so that a gradient scaled by a power of two (1/accumulation
+steps, a loss scale) is exactly that multiple: accumulating micro-batches and averaging them over DDP
+processes then compute the same bits.
 Under `torch.no_grad` (evaluation) only the forward runs.
 """
 
@@ -119,23 +122,24 @@ class _TiledLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):  # type: ignore[override]
         h_mm, w_mm, targets, row_factor, log_z = ctx.saved_tensors
-        # exp(z - lse) * f = exp(z - (lse - log f)): each row's factor f (the mean's 1/rows times the
-        # incoming gradient, which may hold a loss scale) rides in the subtraction, and an ignored row
-        # (f = 0) gets exp(-inf) = 0. The incoming gradient's sign is applied to h and dL/dh instead.
-        row_factor = row_factor * grad_loss.abs()
+        # dL/dz = (softmax(z) - onehot(t)) * f per row, with f the mean's 1/rows times the incoming gradient
+        # (which may hold a loss scale); an ignored row has f = 0. The incoming gradient's sign is applied
+        # to h and dL/dh instead, so f stays positive.
+        scale = (row_factor * grad_loss.abs())[:, None]
         sign = grad_loss.sign().to(h_mm.dtype)
-        shift = (log_z - row_factor.log())[:, None]
+        shift = log_z[:, None]
         signed_hidden = h_mm * sign
         buffers = _TileBuffers(len(targets), ctx.columns, h_mm.dtype, log_z.dtype, h_mm.device)
         grad_hidden = torch.zeros(h_mm.shape, dtype=log_z.dtype, device=h_mm.device)
         grad_weight = torch.zeros(w_mm.shape, dtype=ctx.input_dtypes[1], device=w_mm.device)
         for tile in _tiles(ctx.vocab_size, ctx.columns):
             w_tile = w_mm[tile]
-            grad_logits = buffers.in_mm_dtype(buffers.logits(h_mm, w_tile).sub_(shift).exp_())
+            probs = buffers.logits(h_mm, w_tile).sub_(shift).exp_().mul_(scale)
+            grad_logits = buffers.in_mm_dtype(probs)
             # - onehot(t) * f, for the rows whose target falls in this tile
             hit = (targets >= tile.start) & (targets < tile.stop)
             column = (targets - tile.start).clamp(0, tile.stop - tile.start - 1)[:, None]
-            grad_logits.scatter_add_(1, column, -(row_factor * hit).to(h_mm.dtype)[:, None])
+            grad_logits.scatter_add_(1, column, -(scale * hit[:, None]).to(h_mm.dtype))
             grad_hidden += grad_logits @ w_tile
             grad_weight[tile] = grad_logits.t() @ signed_hidden
         return (grad_hidden * sign).to(ctx.input_dtypes[0]), grad_weight, None, None, None

@@ -289,6 +289,10 @@ class Trainer:
                 "(try a lower learning_rate)"
             )
 
+    def _checkpoint_dir(self) -> Path:
+        """Where the checkpoint of the current step goes."""
+        return self.out_dir / "checkpoints" / f"step-{self.step:07d}"
+
     def _last_good(self) -> str:
         newest = step_checkpoints(self.out_dir)[-1:]
         return f"the last good checkpoint is {newest[0]}" if newest else "no checkpoint was written"
@@ -297,9 +301,8 @@ class Trainer:
         """A write that failed (full disk, read-only or deleted run dir) ends the run. The updates since
         the last checkpoint are saved first unless that checkpoint was what failed; the one line then
         says what could not be written and which checkpoint `--resume` continues from."""
-        checkpoints = self.out_dir / "checkpoints"
-        saved = self.step == 0 or (checkpoints / f"step-{self.step:07d}").is_dir()
-        if not saved and not failure.path.is_relative_to(checkpoints):
+        saved = self.step == 0 or self._checkpoint_dir().is_dir()
+        if not saved and not failure.path.is_relative_to(self.out_dir / "checkpoints"):
             with contextlib.suppress(WriteError):
                 self._save()
         resumable = step_checkpoints(self.out_dir)
@@ -342,7 +345,7 @@ class Trainer:
             "dtype": name(self.dtype),
         }
         trainer_state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
-        directory = self.out_dir / "checkpoints" / f"step-{self.step:07d}"
+        directory = self._checkpoint_dir()
         try:
             save_checkpoint(directory, self.model, trainer_state, state)
         except WriteError as failure:
