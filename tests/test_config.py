@@ -13,7 +13,7 @@ def test_seed_preset_has_about_10_7m_non_embedding_parameters():
 def test_modern_presets_keep_their_seed_twins_shape_and_size():
     for seed, modern in (("tiny", "tiny-modern"), ("smallgpt-10m", "smallgpt-10m-modern")):
         a, b = get_preset(seed), get_preset(modern)
-        assert (a.arch, b.arch) == ("gpt2", "qwen3-embnorm")
+        assert (a.arch, b.arch) == ("gpt2", "qwen3")
         assert (a.n_layer, a.n_embd, a.n_head, a.block_size) == (b.n_layer, b.n_embd, b.n_head, b.block_size)
     # Non-embedding parameters (the untied head counts as a vocabulary matrix): within 10% of the seed's.
     assert abs(GPT(get_preset("smallgpt-10m-modern")).num_params() / 10.7e6 - 1) < 0.1

@@ -96,10 +96,10 @@ def test_export_loads_in_transformers_with_equal_logits_and_imports_back_identic
             assert torch.equal(back.state_dict()[name], tensor), name
 
 
-def test_the_default_preset_exports_as_plain_qwen3_with_equal_greedy_text(tmp_path):
-    """The default's embedding norm is folded into the exported table: transformers' Qwen3, which has
+def test_the_embedding_norm_row_exports_as_plain_qwen3_with_equal_greedy_text(tmp_path):
+    """`qwen3-embnorm`'s embedding norm is folded into the exported table: transformers' Qwen3, which has
     no such norm, computes the same logits and greedy continuation; importing it back gives plain qwen3."""
-    config = get_preset(DEFAULT_PRESET)
+    config = dataclasses.replace(get_preset(DEFAULT_PRESET), arch="qwen3-embnorm")
     assert config.architecture.embedding_norm and not ARCHITECTURES["qwen3"].embedding_norm
     model = random_qwen3_smallgpt(config)  # embedding rows of random scale: folding them matters
     save_weights(model, tmp_path / "model.safetensors")

@@ -138,12 +138,11 @@ PRESETS: dict[str, ModelConfig] = {
     "smallgpt-10m": ModelConfig(),
     # The upper end of the seed's 10M-26M range.
     "smallgpt-26m": ModelConfig(n_layer=8, n_head=8, n_embd=512),
-    # The modern recipe's shapes (Qwen3 layout, normalised embedding): tiny's and the seed's layers,
-    # width and context.
+    # The modern recipe's shapes (Qwen3 layout): tiny's and the seed's layers, width and context.
     "tiny-modern": ModelConfig(
-        block_size=128, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False, arch="qwen3-embnorm"
+        block_size=128, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False, arch="qwen3"
     ),
-    "smallgpt-10m-modern": ModelConfig(dropout=0.0, bias=False, arch="qwen3-embnorm"),
+    "smallgpt-10m-modern": ModelConfig(dropout=0.0, bias=False, arch="qwen3"),
     # OpenAI's GPT-2 small, for importing its weights.
     "gpt2-124m": ModelConfig(block_size=1024, n_layer=12, n_head=12, n_embd=768, dropout=0.0),
 }
