@@ -4,6 +4,8 @@
     .venv/bin/python benchmarks/recipe_compare.py --tokens 0.2 0.6 2 --json
     .venv/bin/python benchmarks/recipe_compare.py --presets tiny-modern --set muon_lr=0.04   (one sweep point)
     .venv/bin/python benchmarks/recipe_compare.py --tokens 2 --parallel          (presets side by side)
+    .venv/bin/python benchmarks/recipe_compare.py --presets tiny-modern tiny-modern:nanochat --tokens 0.2 0.6
+                                  (the modern preset against it plus issue 22's nanochat-style bundle)
     .venv/bin/python benchmarks/recipe_compare.py --presets smallgpt-10m smallgpt-10m-modern --tokens 0.2 \
         --data MIXCORPUS_DIR --val-tokens 65536 --set warmup_iters=3 --parallel   (the seed's shape)
 
@@ -34,17 +36,31 @@ from smallgpt.evaluate import full_pass_loss
 from smallgpt.recipe import resolve_config
 from smallgpt.train import Trainer
 
+# `PRESET:nanochat`: a modern preset plus what issue 22 took from nanochat that still exports as plain
+# Qwen3: the embedding's RMS norm and nanochat's init (`qwen3-embnorm`), a decay over the last 65% to
+# 5% of the peak, the head's own rate, the embedding's beta2 0.995, Muon's momentum 0.85 -> 0.97 over
+# 100 updates -> 0.90 over the decay. `--set` overrides apply on top (to ablate one piece).
+NANOCHAT_BUNDLE = {
+    "arch": "qwen3-embnorm", "decay_fraction": 0.65, "min_lr": 0.0006,
+    "head_lr": 0.02, "embedding_beta2": 0.995, "muon_momentum": 0.97,
+    "muon_momentum_start": 0.85, "muon_momentum_end": 0.90, "muon_momentum_warmup": 100,
+}  # fmt: skip
+
 
 def run_once(
     preset: str, tokens: float, data: Path, overrides: dict[str, str], val_tokens: int | None = None
 ) -> dict:
     """Train `preset` for `tokens` tokens; its final validation loss (over the first `val_tokens`
     of the split, default all of it) and timings."""
-    probe = resolve_config(preset, overrides=overrides)
+    name, _, variant = preset.partition(":")
+    if variant not in ("", "nanochat"):
+        raise SystemExit(f"unknown recipe variant {variant!r} (known: nanochat)")
+    settings = {**NANOCHAT_BUNDLE, **overrides} if variant else overrides
+    probe = resolve_config(name, overrides=settings)
     per_update = probe.train.batch_size * probe.model.block_size
     updates = max(1, round(tokens / per_update))
     quiet = {"eval_interval": updates, "sample_tokens": 0, "device": "cpu"}  # one checkpoint, at the end
-    run = resolve_config(preset, overrides={**overrides, **quiet, "max_iters": updates})
+    run = resolve_config(name, overrides={**settings, **quiet, "max_iters": updates})
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(run, data, Path(out), Runtime(0, 0, 1, torch.device("cpu")), Console(quiet=True))
         started, cpu_started = time.perf_counter(), time.process_time()

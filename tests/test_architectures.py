@@ -82,12 +82,14 @@ PROMPTS = ["!#%(", '"$&)', "+-/2"]
 
 
 def preset_of(arch: str) -> str:
-    """The architecture's own preset (the first of its layout), whose biases and recipe it trains with."""
-    return next(name for name, config in PRESETS.items() if config.arch == arch)
+    """The first preset of the architecture's layout (its export format), whose biases and recipe it
+    trains with; `train_args(arch)` then names the row itself (a variant such as `qwen3-embnorm`)."""
+    layout = ARCHITECTURES[arch].hf_model_type
+    return next(name for name, config in PRESETS.items() if config.architecture.hf_model_type == layout)
 
 
-def train_args(**changes) -> list[str]:
-    return [f"{key}={value}" for key, value in {**SHAPE, **RECIPE, **changes}.items()]
+def train_args(arch: str, **changes) -> list[str]:
+    return [f"{key}={value}" for key, value in {**SHAPE, **RECIPE, "arch": arch, **changes}.items()]
 
 
 @contextmanager
@@ -121,7 +123,7 @@ def trained(request, tmp_path_factory) -> Trained:
     console = Console(file=io.StringIO(), width=200)
     with one_thread():
         result = train_command(
-            train_args(), preset=preset_of(arch), data=str(data), out=str(run), console=console
+            train_args(arch), preset=preset_of(arch), data=str(data), out=str(run), console=console
         )
     assert result.step == RECIPE["max_iters"] and not result.interrupted
     return Trained(arch, data, run, console.file.getvalue())
@@ -168,7 +170,7 @@ def test_resume_continues_the_step_count_and_the_loss(trained, tmp_path, cli):
 
 def test_init_from_starts_from_the_checkpoint_weights(trained, tmp_path, cli):
     out = tmp_path / "finetune"
-    args = train_args(max_iters=2, eval_interval=2, sample_tokens=0)
+    args = train_args(trained.arch, max_iters=2, eval_interval=2, sample_tokens=0)
     code, _, err = cli(
         "train", "--init-from", str(trained.run), "--data", str(trained.data), "--out", str(out), *args
     )
@@ -187,7 +189,8 @@ def test_bf16_autocast_training_tracks_fp32(trained, tmp_path):
     updates = resolve_config(preset_of(trained.arch)).train.warmup_iters
     with one_thread():
         train_command(
-            train_args(max_iters=updates, eval_interval=updates, dtype="bfloat16", sample_tokens=0),
+            train_args(trained.arch, max_iters=updates, eval_interval=updates, dtype="bfloat16",
+                       sample_tokens=0),
             preset=preset_of(trained.arch), data=str(trained.data), out=str(out), console=console,
         )  # fmt: skip
     assert "device: cpu, bfloat16" in console.file.getvalue()
@@ -202,7 +205,8 @@ def test_torchrun_with_two_processes_trains_what_one_process_does(trained, tmp_p
     ddp = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     command += ["-m", "smallgpt", "train", "--preset", preset_of(trained.arch), "--data", str(trained.data)]
-    command += ["--out", str(ddp), *train_args(max_iters=PREFIX, eval_interval=PREFIX // 2, sample_tokens=0)]
+    command += ["--out", str(ddp)]
+    command += train_args(trained.arch, max_iters=PREFIX, eval_interval=PREFIX // 2, sample_tokens=0)
     result = subprocess.run(
         command, capture_output=True, text=True, cwd=REPO, env=ONE_THREAD_ENV, timeout=240
     )
@@ -395,7 +399,8 @@ def test_gguf_export_reads_back_with_our_weights(trained, tmp_path, cli):
     assert fields[f"{name}.block_count"] == config.n_layer and len(fields["tokenizer.ggml.tokens"]) == 50257
     tensors = {tensor.name: tensor for tensor in reader.tensors}
     assert len(tensors) == len(model.state_dict()) - config.architecture.tied_head
-    embedding = model.transformer.wte.weight[:50257].detach().numpy()
+    # The table as exported: a row with an embedding norm (`qwen3-embnorm`) writes it folded in.
+    embedding = model.standard_state_dict()["transformer.wte.weight"][:50257].detach().numpy()
     assert np.array_equal(np.asarray(tensors["token_embd.weight"].data).reshape(embedding.shape), embedding)
 
 

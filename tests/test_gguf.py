@@ -24,6 +24,8 @@ PROMPT = "The meaning of life is"
 SHAPES = {
     "gpt2": dict(block_size=1024, n_layer=2, n_head=4, n_embd=64),
     "qwen3": dict(block_size=64, n_layer=2, n_head=2, n_embd=256, bias=False),
+    # The embedding norm of `arch=qwen3-embnorm` is folded into the file's table (plain qwen3).
+    "qwen3-embnorm": dict(block_size=64, n_layer=2, n_head=2, n_embd=256, bias=False),
 }
 
 

@@ -21,13 +21,14 @@ from smallgpt.optim import (
     learning_rate_at,
     lr_factor,
     make_optimizer,
+    muon_momentum_at,
     orthogonalise,
     set_learning_rates,
 )
 from smallgpt.recipe import TrainConfig, resolve_config
 from smallgpt.train import train
 
-MODERN = {**MODERN_SETTINGS, "muon_lr": 0.02}
+MODERN = {**MODERN_SETTINGS, "muon_lr": 0.02, "muon_momentum_start": 0.85, "muon_momentum_warmup": 8}
 
 
 def test_muon_holds_exactly_the_block_matrices_and_adamw_the_rest():
@@ -48,12 +49,16 @@ def test_muon_holds_exactly_the_block_matrices_and_adamw_the_rest():
         f"transformer.h.0.{name}.weight" for name in ("ln_1", "ln_2", "attn.q_norm", "attn.k_norm")
     }
     set_learning_rates(optimizer, run.train, step=4)  # the end of warm-up: the peaks
-    assert [g["lr"] for g in optimizer.param_groups] == [0.02, 1e-2, 1e-2]
+    assert [g["lr"] for g in optimizer.param_groups] == [0.02, 1e-2, 1e-2, 1e-2]
     assert adamw.param_groups[0]["params"] == [model.transformer.wte.weight]
-    # The embedding's own peak, when the recipe gives one; everything else keeps its rate.
-    own = dataclasses.replace(run.train, embedding_lr=0.05)
+    assert adamw.param_groups[1]["params"] == [model.lm_head.weight]
+    # The embedding's and the head's own peaks and the embedding's beta2, when the recipe gives them;
+    # everything else keeps its rate.
+    own = dataclasses.replace(run.train, embedding_lr=0.05, head_lr=0.03, embedding_beta2=0.99)
+    optimizer = make_optimizer(model, own, torch.device("cpu"))
     set_learning_rates(optimizer, own, step=4)
-    assert [g["lr"] for g in optimizer.param_groups] == [0.02, 0.05, 1e-2]
+    assert [g["lr"] for g in optimizer.param_groups] == [0.02, 0.05, 0.03, 1e-2]
+    assert [g["betas"] for g in optimizer.optimizers[1].param_groups] == [(0.9, 0.99), *[(0.9, 0.95)] * 2]
 
 
 def test_wsd_schedule_warms_up_holds_then_decays_linearly_to_zero():
@@ -64,6 +69,22 @@ def test_wsd_schedule_warms_up_holds_then_decays_linearly_to_zero():
     assert factors[750] == pytest.approx(0.5) and factors[999] == pytest.approx(0.002)  # linear to zero
     assert all(a > b for a, b in zip(factors[500:], factors[501:], strict=False))
     assert lr_factor(cfg, 1000) == 0.0 and learning_rate_at(cfg, 500) == pytest.approx(1e-3)
+
+
+def test_muon_momentum_warms_up_holds_then_falls_over_the_decay():
+    cfg = TrainConfig(max_iters=1000, optimizer="muon", schedule="wsd", muon_momentum_start=0.85,
+                      muon_momentum=0.97, muon_momentum_end=0.9, muon_momentum_warmup=100)  # fmt: skip
+    momenta = [muon_momentum_at(cfg, step) for step in range(1000)]
+    assert momenta[0] == pytest.approx(0.85) and momenta[50] == pytest.approx(0.91)  # linear warm-up
+    assert all(m == pytest.approx(0.97) for m in momenta[100:501])  # held until the decay starts
+    assert momenta[750] == pytest.approx(0.935) and muon_momentum_at(cfg, 1000) == pytest.approx(0.9)
+    constant = TrainConfig()  # torch.optim.Muon's default, all along
+    assert {muon_momentum_at(constant, step) for step in (0, 2500, 4999)} == {0.95}
+
+    model = GPT(tiny_run(**MODERN).model)
+    optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+    set_learning_rates(optimizer, cfg, step=50)  # the schedule sets Muon's momentum with its rate
+    assert optimizer.optimizers[0].param_groups[0]["momentum"] == pytest.approx(0.91)
 
 
 def test_cosine_schedule_warms_up_peaks_and_decays_to_the_floor():

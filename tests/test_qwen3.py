@@ -1,17 +1,20 @@
 """The Qwen3 architecture against transformers' own `Qwen3ForCausalLM`, both ways, and its cached path."""
 
+import dataclasses
 import json
 import re
 
 import pytest
 import torch
 
+from smallgpt.architectures import ARCHITECTURES
 from smallgpt.checkpoint import load_model, save_weights
-from smallgpt.config import ModelConfig
+from smallgpt.config import ModelConfig, get_preset
 from smallgpt.errors import SmallGPTError
 from smallgpt.interop import export_to_hf, import_from_hf
 from smallgpt.kvcache import DecodeStep, KVPool
 from smallgpt.model import GPT
+from smallgpt.recipe import DEFAULT_PRESET
 
 transformers = pytest.importorskip("transformers")
 
@@ -42,10 +45,10 @@ def hf_qwen3(seed: int = 0):
     return model
 
 
-def random_qwen3_smallgpt() -> GPT:
+def random_qwen3_smallgpt(config: ModelConfig | None = None) -> GPT:
     """A SmallGPT Qwen3 with every parameter random (zero-initialised head and projections otherwise)."""
     torch.manual_seed(0)
-    model = GPT(ModelConfig(**QWEN3)).eval()
+    model = GPT(config or ModelConfig(**QWEN3)).eval()
     with torch.no_grad():
         for param in model.parameters():
             param.copy_(
@@ -91,6 +94,37 @@ def test_export_loads_in_transformers_with_equal_logits_and_imports_back_identic
             assert not back.state_dict()[name][50257:].any()
         else:
             assert torch.equal(back.state_dict()[name], tensor), name
+
+
+def test_the_embedding_norm_row_exports_as_plain_qwen3_with_equal_greedy_text(tmp_path):
+    """`qwen3-embnorm`'s embedding norm is folded into the exported table: transformers' Qwen3, which has
+    no such norm, computes the same logits and greedy continuation; importing it back gives plain qwen3."""
+    config = dataclasses.replace(get_preset(DEFAULT_PRESET), arch="qwen3-embnorm")
+    assert config.architecture.embedding_norm and not ARCHITECTURES["qwen3"].embedding_norm
+    model = random_qwen3_smallgpt(config)  # embedding rows of random scale: folding them matters
+    save_weights(model, tmp_path / "model.safetensors")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        export_to_hf(tmp_path / "model.safetensors", tmp_path / "hf")
+    )
+    with torch.no_grad():
+        assert (hf(TOKENS).logits - model(TOKENS)).abs().max().item() <= 1e-4
+        prompt, ours = TOKENS[:1, :8], TOKENS[:1, :8]
+        for _ in range(24):  # greedy, the whole context each step
+            ours = torch.cat([ours, model(ours)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        theirs = hf.generate(prompt, max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert ours.tolist() == theirs.tolist()
+    back = load_model(import_from_hf(tmp_path / "hf", tmp_path / "back"))
+    assert back.config == dataclasses.replace(config, arch="qwen3")
+    with torch.no_grad():
+        assert (back(TOKENS) - model(TOKENS)).abs().max().item() <= 1e-4
+
+
+def test_export_refuses_an_architecture_with_features_the_format_cannot_hold(monkeypatch, tmp_path):
+    other = dataclasses.replace(ARCHITECTURES["qwen3"], name="qwen3-theta", rope_theta=5e5)
+    monkeypatch.setitem(ARCHITECTURES, other.name, other)
+    save_weights(GPT(ModelConfig(**{**QWEN3, "arch": other.name})), tmp_path / "model.safetensors")
+    with pytest.raises(SmallGPTError, match="arch qwen3-theta has features qwen3 cannot hold"):
+        export_to_hf(tmp_path / "model.safetensors", tmp_path / "hf")
 
 
 @pytest.mark.parametrize(

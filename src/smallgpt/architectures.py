@@ -4,17 +4,23 @@
 relative, quantization and interop read them too; nothing compares an architecture's name. A new
 architecture is one row in `ARCHITECTURES` plus one interop mapping module (see `smallgpt.interop`).
 
-                 gpt2 (2019, the seed's)               qwen3 (the modern recipe's)
+                 gpt2 (2019, the seed's)               qwen3 (Qwen3ForCausalLM's, as imported)
   positions      learned embedding, added to input     rotary (RoPE): queries/keys rotated by position
   norm           LayerNorm                             RMSNorm, and per-head RMSNorm on q, k (QK-norm)
   attention      one fused q|k|v matrix                three matrices (Muon orthogonalises each map)
   MLP            4x, GELU                              SwiGLU (gate * up, SiLU), ~8/3x
   head           tied to the token embedding           its own matrix
   init           N(0, 0.02), residual outputs scaled   residual outputs and head start at zero
+
+qwen3-embnorm, the modern recipe's, is qwen3 plus what nanochat and modded-nanogpt train with and a
+Qwen3 file can still hold: each token's embedding row RMS-normalised (no gain) before block 0, and
+their initialisation (`fan_in_init`). Export applies the norm to the table's rows once
+(`GPT.standard_state_dict`), so the file is a plain Qwen3 that computes the same function.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -37,6 +43,12 @@ class Architecture:
     hf_model_type: str  # the Hugging Face `model_type` it exports as (the interop mapping's key)
     gguf_arch: str  # llama.cpp's `general.architecture` name for it
     rope_theta: float = 10_000.0  # RoPE base (rotary only): the slowest pair turns once per ~2*pi*theta
+    # RMS-normalise each token's embedding (no gain) before block 0: the table's scale stops
+    # mattering, so it can take large AdamW steps. A function of the row alone: export folds it in.
+    embedding_norm: bool = False
+    # nanochat's initialisation: matrices that read the stream N(0, 1/fan-in), the (normalised)
+    # embedding N(0, 0.8), an untied head N(0, 0.001), QK-norm gains 1.2 (sharper attention at start)
+    fan_in_init: bool = False
 
     @property
     def relative_positions(self) -> bool:
@@ -86,3 +98,9 @@ ARCHITECTURES: dict[str, Architecture] = {
         ),
     )
 }
+ARCHITECTURES["qwen3-embnorm"] = dataclasses.replace(
+    ARCHITECTURES["qwen3"], name="qwen3-embnorm", embedding_norm=True, fan_in_init=True
+)
+# Features that never reach an exported file: initialisation, or layers `GPT.standard_state_dict`
+# folds into the weights. Two rows equal but for these export as the same architecture.
+FOLDED_AT_EXPORT = ("name", "embedding_norm", "fan_in_init")

@@ -15,6 +15,7 @@ exactly what the original did. `smallgpt.interop_gguf` writes llama.cpp's GGUF f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 from pathlib import Path
@@ -24,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from smallgpt import interop_gpt2, interop_qwen3
+from smallgpt.architectures import FOLDED_AT_EXPORT
 from smallgpt.checkpoint import WEIGHTS_NAME, is_smallgpt_checkpoint, load_model, save_weights
 from smallgpt.config import GPT2_VOCAB_SIZE, ModelConfig
 from smallgpt.errors import SmallGPTError, first_line
@@ -67,7 +69,11 @@ def mapping_for(config: ModelConfig):
             f"cannot export: config field(s) {', '.join(unknown)} have no Hugging Face equivalent yet"
         )
     _check_vocabulary(config.vocab_size, "cannot export: vocab_size")
-    return MAPPINGS[config.architecture.hf_model_type]
+    mapping, arch = MAPPINGS[config.architecture.hf_model_type], config.architecture
+    # A row may differ from the mapping's only in what export folds away or never writes.
+    if dataclasses.replace(arch, **{f: getattr(mapping.ARCH, f) for f in FOLDED_AT_EXPORT}) != mapping.ARCH:
+        raise SmallGPTError(f"cannot export: arch {arch.name} has features {mapping.ARCH.name} cannot hold")
+    return mapping
 
 
 def config_from_hf(hf_config: dict, vocab_multiple: int = 64) -> ModelConfig:
@@ -99,7 +105,7 @@ def export_to_hf(checkpoint: str | Path, out_dir: str | Path, *, force: bool = F
     model = load_model(checkpoint)
     mapping = mapping_for(model.config)
     hf_config = mapping.hf_config_from(model.config)
-    hf_state = mapping.state_dict_to_hf(model.state_dict(), model.config)
+    hf_state = mapping.state_dict_to_hf(model.standard_state_dict(), model.config)
     if model.config.architecture.tied_head:
         # Stored once, as transformers' own save_pretrained does: tie_word_embeddings re-ties it on load.
         del hf_state["lm_head.weight"]

@@ -63,7 +63,7 @@ def export_to_gguf(
     mapping = mapping_for(config)
     mapping.hf_config_from(config)  # the same refusals as the Hugging Face export (e.g. GPT-2 without biases)
     matrix_type, file_type = TYPES[type_name]
-    tensors = gguf_tensors(model.state_dict(), config, mapping.hf_name)
+    tensors = gguf_tensors(model.standard_state_dict(), config, mapping.hf_name)  # norms folded in
 
     def write(path: Path) -> None:
         writer = gguf.GGUFWriter(path, config.architecture.gguf_arch)

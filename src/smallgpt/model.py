@@ -226,6 +226,23 @@ class GPT(nn.Module):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         if arch.zero_init_outputs and not arch.tied_head:
             nn.init.zeros_(self.lm_head.weight)  # a uniform first guess; the head learns from there
+        if arch.fan_in_init:
+            self._init_fan_in()
+
+    @torch.no_grad()
+    def _init_fan_in(self) -> None:
+        """nanochat's scales (see `Architecture.fan_in_init`); outputs that start at zero stay zero."""
+        for name, module in self.transformer.h.named_modules():
+            if isinstance(module, nn.Linear) and not name.endswith("c_proj"):
+                nn.init.normal_(module.weight, mean=0.0, std=module.in_features**-0.5)
+        for block in self.transformer.h:
+            if block.attn.qk_norm:
+                nn.init.constant_(block.attn.q_norm.weight, 1.2)
+                nn.init.constant_(block.attn.k_norm.weight, 1.2)
+        if self.config.architecture.embedding_norm:  # its scale is free: large rows, small AdamW steps
+            nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=0.8)
+        if not self.config.architecture.tied_head:  # not quite zero: blocks get a gradient at step 1
+            nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -241,9 +258,27 @@ class GPT(nn.Module):
         layer's queries and keys.
         """
         x = self.transformer.wte(idx)
+        if self.config.architecture.embedding_norm:
+            x = self.normalise_embedding(x)
         if self.rotary is None:
             return self.transformer.drop(x + self.transformer.wpe(positions)), None
         return self.transformer.drop(x), self.rotary(positions)
+
+    def normalise_embedding(self, rows: torch.Tensor) -> torch.Tensor:
+        """Each embedding row divided by its root mean square (no gain): `embedding_norm`."""
+        return F.rms_norm(rows, (rows.size(-1),), eps=self.config.architecture.norm_eps)
+
+    def standard_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights of the same function without the layers export folds away (`FOLDED_AT_EXPORT`).
+
+        An embedding norm depends on the token's row alone, so normalising the table's rows once gives
+        a table that plain Qwen3 (or llama.cpp) looks up to the same vectors.
+        """
+        state = self.state_dict()
+        if self.config.architecture.embedding_norm:
+            with torch.no_grad():
+                state["transformer.wte.weight"] = self.normalise_embedding(state["transformer.wte.weight"])
+        return state
 
     def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
         """Final-norm output (B, T, C) for token ids (B, T)."""

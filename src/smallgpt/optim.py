@@ -8,7 +8,9 @@ Two recipes, picked by `TrainConfig.optimizer`:
           one (Newton-Schulz iterations), so every direction of a hidden layer learns at the same
           rate; embeddings and the head are lookups and per-token scores, for which that geometry is
           wrong, so they keep AdamW.
-Muon's peak rate is `muon_lr`, AdamW's `learning_rate`; the schedule scales both alike:
+Muon's peak rate is `muon_lr`, AdamW's `learning_rate` (the embedding's `embedding_lr` and an untied
+head's `head_lr` where given); the schedule scales all alike, and moves Muon's momentum too
+(`muon_momentum_at`: lower while the weights are far from home, lower again as the steps shrink):
   cosine  linear warm-up, cosine decay to min_lr (the seed's)
   wsd     linear warm-up, constant, then a linear decay to min_lr over the last `decay_fraction` of
           the run ("warmup-stable-decay": the constant phase makes fast progress, the decay cashes it in)
@@ -169,17 +171,26 @@ def _muon(model: GPT, params: list, cfg: TrainConfig, kernels: Kernels) -> Optim
     """The modern one: Muon for the blocks' matrices, AdamW for the rest, stepped as one."""
     matrices = muon_parameters(model)
     embedding = model.transformer.wte.weight
-    taken = {id(p) for p in matrices} | {id(embedding)}
+    head = [] if model.config.architecture.tied_head else [model.lm_head.weight]
+    taken = {id(p) for p in (*matrices, embedding, *head)}
     rest = [p for p in params if id(p) not in taken]
     # "match_rms_adamw" scales each matrix's step so its RMS matches a typical AdamW step (0.2 lr),
     # whatever its shape: one learning rate fits the square attention and the wide MLP matrices.
     muon = Muon(
         matrices, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, ns_steps=cfg.muon_ns_steps,
-        adjust_lr_fn="match_rms_adamw", ns_dtype=kernels.ns_dtype,
+        adjust_lr_fn="match_rms_adamw", ns_dtype=kernels.ns_dtype, momentum=muon_momentum_at(cfg, 0),
     )  # fmt: skip
     # The embedding has a group of its own: each update touches only the rows of the tokens seen,
-    # and (as in modded-nanogpt) those rows want a larger step than the head and the norm gains.
-    groups = [{"params": [embedding], "role": "embedding"}, {"params": rest}]
+    # and (as in modded-nanogpt) those rows want a larger step than the head and the norm gains,
+    # and a longer memory of their squared gradients (a rare token's row is rarely updated). An
+    # untied head has a group (and a rate) of its own too, as in nanochat.
+    embedding_betas = (cfg.beta1, cfg.embedding_beta2 if cfg.embedding_beta2 is not None else cfg.beta2)
+    groups = [
+        {"params": [embedding], "role": "embedding", "betas": embedding_betas},
+        {"params": head, "role": "head"},
+        {"params": rest},
+    ]
+    groups = [group for group in groups if group["params"]]
     betas = (cfg.beta1, cfg.beta2)
     adamw = torch.optim.AdamW(
         groups, lr=cfg.learning_rate, betas=betas, weight_decay=0.0, fused=kernels.fused
@@ -199,6 +210,8 @@ def set_learning_rates(optimizer: torch.optim.Optimizer | Optimizers, cfg: Train
     for part in getattr(optimizer, "optimizers", [optimizer]):
         for group in part.param_groups:
             group["lr"] = peak_learning_rate(cfg, part, group) * factor
+            if isinstance(part, torch.optim.Muon):
+                group["momentum"] = muon_momentum_at(cfg, step)
 
 
 def peak_learning_rate(cfg: TrainConfig, optimizer: torch.optim.Optimizer, group: dict) -> float:
@@ -207,7 +220,29 @@ def peak_learning_rate(cfg: TrainConfig, optimizer: torch.optim.Optimizer, group
         return cfg.muon_lr
     if group.get("role") == "embedding" and cfg.embedding_lr is not None:
         return cfg.embedding_lr
+    if group.get("role") == "head" and cfg.head_lr is not None:
+        return cfg.head_lr
     return cfg.learning_rate
+
+
+def muon_momentum_at(cfg: TrainConfig, step: int) -> float:
+    """Muon's momentum for update `step`: from `muon_momentum_start` up to `muon_momentum` over
+    `muon_momentum_warmup` updates (early gradients are noisy and the weights far from home: a short
+    memory), held, then down to `muon_momentum_end` over the schedule's decay (as the steps shrink)."""
+    peak = cfg.muon_momentum
+    if step < cfg.muon_momentum_warmup:
+        return cfg.muon_momentum_start + (peak - cfg.muon_momentum_start) * step / cfg.muon_momentum_warmup
+    decay_start, decay_iters = wsd_decay(cfg)
+    if cfg.schedule != "wsd" or step < decay_start:
+        return peak
+    progress = min(1.0, (step - decay_start) / max(decay_iters - decay_start, 1))
+    return peak + (cfg.muon_momentum_end - peak) * progress
+
+
+def wsd_decay(cfg: TrainConfig) -> tuple[int, int]:
+    """The updates where the wsd schedule's linear decay starts and where it reaches the floor."""
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    return decay_iters - round(cfg.decay_fraction * decay_iters), decay_iters
 
 
 def learning_rate_at(cfg: TrainConfig, step: int) -> float:
@@ -224,7 +259,7 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
     if step >= decay_iters:
         return floor
     if cfg.schedule == "wsd":
-        decay_start = decay_iters - round(cfg.decay_fraction * decay_iters)
+        decay_start, _ = wsd_decay(cfg)
         if step < decay_start:
             return 1.0
         return floor + (1 - floor) * (decay_iters - step) / (decay_iters - decay_start)

@@ -46,6 +46,13 @@ class TrainConfig:
     muon_ns_steps: int = 5  # Newton-Schulz iterations per Muon update (fewer: cheaper, less orthogonal)
     # The token embedding's AdamW peak (muon only; a head tied to it shares it); None = learning_rate
     embedding_lr: float | None = None
+    head_lr: float | None = None  # an untied head's AdamW peak (muon only); None = learning_rate
+    embedding_beta2: float | None = None  # the embedding's AdamW beta2 (muon only); None = beta2
+    # Muon's momentum: start -> peak over the warm-up updates, then (wsd) -> end over the decay
+    muon_momentum: float = 0.95
+    muon_momentum_start: float = 0.95
+    muon_momentum_end: float = 0.95
+    muon_momentum_warmup: int = 0
     min_lr: float = 3e-5  # the floor the schedule decays to (AdamW's; Muon's is in proportion)
     schedule: str = "cosine"  # cosine: warm-up, cosine decay; wsd: warm-up, constant, linear decay
     decay_fraction: float = 0.5  # wsd: the share of the updates spent decaying
@@ -83,6 +90,12 @@ class TrainConfig:
             (self.muon_lr > 0 and math.isfinite(self.muon_lr), "muon_lr must be > 0"),
             (1 <= self.muon_ns_steps <= 20, "muon_ns_steps must be in [1, 20]"),
             (self.embedding_lr is None or self.embedding_lr > 0, "embedding_lr must be > 0 (or none)"),
+            (self.head_lr is None or self.head_lr > 0, "head_lr must be > 0 (or none)"),
+            (self.embedding_beta2 is None or 0 <= self.embedding_beta2 < 1,
+             "embedding_beta2 must be in [0, 1) (or none)"),
+            (all(0 <= m < 1 for m in (self.muon_momentum, self.muon_momentum_start, self.muon_momentum_end)),
+             "muon_momentum, muon_momentum_start and muon_momentum_end must be in [0, 1)"),
+            (self.muon_momentum_warmup >= 0, "muon_momentum_warmup must be >= 0"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
             (0 < self.decay_fraction <= 1, "decay_fraction must be in (0, 1]"),
@@ -110,8 +123,11 @@ TRAIN_PRESETS = {
         warmup_iters=10, eval_interval=50, eval_iters=4, log_interval=10,
     ),
 }  # fmt: skip
-# The modern recipe (Muon + AdamW, warm-up/constant/linear decay to zero); rates from the sweep in
-# benchmarks/RESULTS.md. Same tokens per update and the same evaluation cadence as their seed twins.
+# The modern recipe (Muon + AdamW, warm-up/constant/linear decay to zero over the last half); rates
+# from the sweeps in benchmarks/RESULTS.md. Same tokens per update and the same evaluation cadence as
+# their seed twins. nanochat's schedules and betas (`head_lr`, `embedding_beta2`, Muon's momentum
+# schedule, a 5% floor) are knobs, not defaults: they helped at 0.2M tokens and lost at 0.6M
+# (RESULTS, "Recipe, issue 22").
 MODERN = dict(
     optimizer="muon",
     schedule="wsd",
