@@ -4,7 +4,6 @@ sizes) is checked for every architecture in test_architectures."""
 
 import os
 import re
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +24,6 @@ from training_helpers import (
 
 from smallgpt import distributed
 from smallgpt import monitor as monitor_module
-from smallgpt.distributed import keep_freed_memory
 from smallgpt.errors import SmallGPTError
 from smallgpt.monitor import RunMonitor, datasheet_peak
 from smallgpt.runs import train_command
@@ -153,18 +151,3 @@ def test_datasheet_peaks_are_known_for_h100_and_h200_only(name, dtype, peak, mon
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
     assert datasheet_peak(torch.device("cuda"), dtype) == peak
     assert datasheet_peak(torch.device("cpu"), torch.bfloat16) is None
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and page-fault counts")
-def test_freed_memory_is_reused_without_fresh_page_faults():
-    """`keep_freed_memory`: a large block freed and allocated again comes back from the heap, already
-    mapped, instead of from the OS one zero-filled page fault per 4 KiB."""
-
-    def faults_of_a_fresh_64_mib_tensor() -> int:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        torch.ones(16 << 20)  # allocated, touched, freed
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-    keep_freed_memory()
-    faults_of_a_fresh_64_mib_tensor()  # the first one maps its pages
-    assert faults_of_a_fresh_64_mib_tensor() < 1000  # a mapped-afresh 64 MiB would be ~16,000

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from smallgpt.architectures import ARCHITECTURES
 from smallgpt.config import ModelConfig, get_preset
 from smallgpt.interop_gpt2 import state_dict_from_hf
 from smallgpt.loss import linear_cross_entropy
@@ -135,10 +136,11 @@ def test_sequence_longer_than_context_is_refused():
         model(torch.zeros(1, 65, dtype=torch.long))
 
 
-def test_training_attention_in_fp32_under_bf16_autocast():
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_training_attention_in_fp32_under_bf16_autocast(arch):
     """`train_attention_in(float32)`: with gradients on, attention computes in fp32 from the bf16
     projections (and its gradients reach the bf16 weights); without gradients autocast's bf16 stays."""
-    model = GPT(ModelConfig(**SMALL))
+    model = GPT(ModelConfig(**SMALL, arch=arch, bias=ARCHITECTURES[arch].hf_model_type == "gpt2"))
     model.train_attention_in(torch.float32)
     attn = model.transformer.h[0].attn
     q, k, v = (torch.randn(2, 4, 8, 16).bfloat16().requires_grad_() for _ in range(3))
@@ -150,11 +152,14 @@ def test_training_attention_in_fp32_under_bf16_autocast():
     assert y.dtype == torch.float32 and torch.equal(y, want)
     y.sum().backward()
     assert q.grad is not None and q.grad.dtype == torch.bfloat16
+    with torch.no_grad():  # Qwen3's zero-initialised outputs would keep the blocks' gradients at 0
+        for param in model.parameters():
+            param.normal_(0.0, 0.02)
     idx = torch.randint(0, SMALL["vocab_size"], (2, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(idx, idx)
     loss.backward()  # the whole model trains through it
-    assert model.transformer.h[0].attn.c_attn.weight.grad.abs().sum() > 0
+    assert model.transformer.h[0].attn.c_proj.weight.grad.abs().sum() > 0  # fed by the fp32 attention
 
 
 def test_qk_norm_under_bf16_autocast_takes_the_fused_kernel_without_a_warning():

@@ -122,15 +122,17 @@ def start(device_name: str = "auto") -> Runtime:
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
 
-def keep_freed_memory() -> None:
-    """Let this process reuse the memory it frees instead of handing it back to the OS.
+def keep_freed_memory(device: torch.device) -> None:
+    """On a CPU, let this process reuse the memory it frees instead of handing it back to the OS.
 
     A CPU training step allocates tens of megabytes afresh for each large tensor (the tied embedding's
     gradient, bf16 copies of the head, loss tiles). By default glibc maps such blocks from the OS and
     unmaps them when freed, so every step pays for zero-filling page faults on first touch: a tenth
     of `tiny-modern`'s step on a 2-core Xeon (benchmarks/RESULTS.md). Raising the mmap and trim
     thresholds keeps the pages in the heap; peak memory is unchanged. Linux/glibc only; a no-op
-    elsewhere."""
+    elsewhere, and on GPUs (whose tensors are not glibc's)."""
+    if device.type != "cpu":
+        return
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:

@@ -133,8 +133,7 @@ def evaluate_checkpoint(
 
     data = data_dir_for(data, raw_files=True)
     runtime = Runtime(0, 0, 1, pick_device(device))
-    if runtime.device.type == "cpu":
-        keep_freed_memory()
+    keep_freed_memory(runtime.device)
     weights = resolve_weights(checkpoint)
     model = load_model(weights, runtime.device)
     vocab = model.config.vocab_size

@@ -98,8 +98,7 @@ class Trainer:
         self.precision = resolve_precision(cfg.dtype, device, run.model, rows)
         self.dtype = self.precision.dtype
         torch.manual_seed(cfg.seed)
-        if device.type == "cpu":
-            keep_freed_memory()
+        keep_freed_memory(device)
         self.model = GPT(run.model).to(device)
         self.model.train_attention_in(self.precision.attention_dtype)
         checkpoint_bytes = 16 * sum(p.numel() for p in self.model.parameters())  # weights + 2 moments
