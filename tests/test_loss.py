@@ -119,18 +119,3 @@ def test_two_forwards_before_their_backwards_keep_their_own_exps():
     torch.testing.assert_close(h.grad, h_ref.grad, atol=1e-7, rtol=1e-4)
     torch.testing.assert_close(w.grad, w_ref.grad, atol=1e-7, rtol=1e-4)
 
-
-def test_training_steps_reuse_the_kept_memory_and_evaluation_leaves_it_alone():
-    """Fresh 100 MB blocks cost page faults every step on a CPU: the next step's forward gets the
-    memory the last backward gave back, and a no_grad pass in between does not take it."""
-    hidden, weight, targets = head_inputs()
-    weight.requires_grad_()
-    fused(hidden, weight, targets, keep=True).backward()
-    spare = loss_module._kept_buffers.free[0].data_ptr()
-    with torch.no_grad():
-        fused(hidden, weight, targets)
-    assert [buffer.data_ptr() for buffer in loss_module._kept_buffers.free] == [spare]
-    loss = fused(hidden, weight, targets, keep=True)
-    assert loss_module._kept_buffers.free == []  # taken by this step's forward
-    loss.backward()
-    assert loss_module._kept_buffers.free[0].data_ptr() == spare

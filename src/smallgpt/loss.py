@@ -41,29 +41,6 @@ MIN_TILE_COLUMNS = 256
 KEEP_BYTES = 1 << 30
 
 
-class _KeptBuffers:
-    """Reuses the kept exps' memory from one training step to the next on a CPU. A block that large
-    comes from the OS on each allocation (glibc maps anything over 32 MiB afresh), and touching 103 MB
-    of fresh pages costs about what the saved passes do. A backward hands its buffer back; a forward
-    takes one if one is free (two forwards before a backward get two). GPUs cache memory themselves."""
-
-    def __init__(self) -> None:
-        self.free: list[torch.Tensor] = []
-
-    def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        for index, buffer in enumerate(self.free):
-            if buffer.dtype == dtype and buffer.device == device and buffer.numel() >= numel:
-                return self.free.pop(index)[:numel]
-        return torch.empty(numel, dtype=dtype, device=device)
-
-    def give(self, buffer: torch.Tensor) -> None:
-        if buffer.device.type == "cpu":
-            self.free = [buffer._base if buffer._base is not None else buffer]  # one spare at most
-
-
-_kept_buffers = _KeptBuffers()
-
-
 def tile_columns(rows: int) -> int:
     """Vocabulary columns per tile for `rows` rows: about TILE_ELEMENTS logits, a multiple of 64."""
     return max(MIN_TILE_COLUMNS, TILE_ELEMENTS // max(rows, 1) // 64 * 64)
@@ -119,29 +96,33 @@ class _TiledLinearCrossEntropy(torch.autograd.Function):
         row_factor = valid.to(acc) / valid.sum().clamp(min=1)  # the mean over counted rows
         rows, tiles = len(targets), _tiles(vocab_size, columns)
         buffers = _TileBuffers(rows, columns, mm_dtype, acc, hidden.device)
-        # One allocation holds every kept tile: exp(z - m) in the matmul dtype, row-major per tile.
-        kept = _kept_buffers.take(rows * vocab_size, mm_dtype, hidden.device) if keep else None
-        shifts = []  # each kept tile's m
+        kept, shifts = [], []  # each kept tile's exp(z - m) in the matmul dtype, and its m
         # Online logsumexp: a running max M and a running sum S of exp(z - M) over the tiles seen;
         # a larger max rescales the sum by exp(M_old - M_new). Then lse = M + log S.
         running_max = torch.full((rows, 1), float("-inf"), dtype=acc, device=hidden.device)
         running_sum = torch.zeros(rows, 1, dtype=acc, device=hidden.device)
         for tile in tiles:
-            slot = None if kept is None else kept[tile.start * rows : tile.stop * rows].view(rows, -1)
+            # A block of its own per tile: a few MB, which the allocator reuses from step to step
+            # (glibc maps blocks over 32 MiB from the OS afresh each time: 100 MB of page faults).
+            slot = (
+                torch.empty(rows, tile.stop - tile.start, dtype=mm_dtype, device=hidden.device)
+                if keep
+                else None
+            )
             logits = buffers.in_acc_dtype(buffers.logits(h_mm, w_mm[tile], out=slot))
             new_max = torch.maximum(running_max, logits.amax(dim=1, keepdim=True))
             running_sum *= torch.exp(running_max - new_max)
             exps = logits.sub_(new_max).exp_()
             running_sum += exps.sum(dim=1, keepdim=True)
             if keep:
-                shifts.append(new_max)
+                kept.append(slot), shifts.append(new_max)
                 if exps.data_ptr() != slot.data_ptr():
                     slot.copy_(exps)
             running_max = new_max
         target_logit = (h_mm.to(acc) * w_mm[safe_targets].to(acc)).sum(dim=1)
         log_z = running_max + running_sum.log()
         if keep:
-            ctx.save_for_backward(h_mm, w_mm, safe_targets, row_factor, log_z, torch.cat(shifts, 1), kept)
+            ctx.save_for_backward(h_mm, w_mm, safe_targets, row_factor, log_z, torch.cat(shifts, 1), *kept)
         else:  # the row max is one of the logits, so the matmul dtype holds it exactly
             ctx.save_for_backward(h_mm, w_mm, safe_targets, row_factor, log_z, running_max.to(mm_dtype))
         ctx.tiles, ctx.columns, ctx.input_dtypes = tiles, columns, (hidden.dtype, weight.dtype)
@@ -170,17 +151,16 @@ class _TiledLinearCrossEntropy(torch.autograd.Function):
         return grad_hidden.to(ctx.input_dtypes[0]), grad_weight, None, None, None, None
 
 
-def _from_kept(ctx, h_mm, w_mm, hidden, factor, log_z, shifts, kept, grad_weight) -> torch.Tensor:
+def _from_kept(ctx, h_mm, w_mm, hidden, factor, log_z, shifts, *kept_and_grad_weight) -> torch.Tensor:
     """f softmax(z) W, and f softmax(z)^T h into `grad_weight`, from the kept exp(z - m) tiles:
     softmax(z) = exp(z - m) * exp(m - lse), a per-row number for each tile."""
+    *kept, grad_weight = kept_and_grad_weight
     scales = factor * torch.exp(shifts - log_z)  # (rows, tiles)
     softmax_w = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
-    rows = len(hidden)
-    for index, tile in enumerate(ctx.tiles):
-        exps, scale = kept[tile.start * rows : tile.stop * rows].view(rows, -1), scales[:, index, None]
+    for index, (tile, exps) in enumerate(zip(ctx.tiles, kept, strict=True)):
+        scale = scales[:, index, None]
         softmax_w.addcmul_(exps @ w_mm[tile], scale)
         grad_weight[tile] = exps.t() @ (hidden * scale).to(h_mm.dtype)
-    _kept_buffers.give(kept)
     return softmax_w
 
 
