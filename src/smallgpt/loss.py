@@ -115,7 +115,8 @@ class _TiledLinearCrossEntropy(torch.autograd.Function):
             exps = logits.sub_(new_max).exp_()
             running_sum += exps.sum(dim=1, keepdim=True)
             if keep:
-                kept.append(slot), shifts.append(new_max)
+                kept.append(slot)
+                shifts.append(new_max)
                 if exps.data_ptr() != slot.data_ptr():
                     slot.copy_(exps)
             running_max = new_max
