@@ -118,4 +118,3 @@ def test_two_forwards_before_their_backwards_keep_their_own_exps():
     (plain(h_ref, w_ref, targets) + 2 * plain(h_ref, w_ref, other_targets)).backward()
     torch.testing.assert_close(h.grad, h_ref.grad, atol=1e-7, rtol=1e-4)
     torch.testing.assert_close(w.grad, w_ref.grad, atol=1e-7, rtol=1e-4)
-
