@@ -199,6 +199,6 @@ def linear_cross_entropy(
     columns = columns or tile_columns(len(targets))
     if keep is None:
         training = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-        kept_bytes = len(targets) * vocab_size * torch.empty((), dtype=_matmul_dtype(hidden, weight)).itemsize
+        kept_bytes = len(targets) * vocab_size * _matmul_dtype(hidden, weight).itemsize
         keep = training and kept_bytes <= KEEP_BYTES
     return _TiledLinearCrossEntropy.apply(hidden, weight, targets, vocab_size, columns, keep)
