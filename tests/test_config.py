@@ -84,6 +84,7 @@ def test_from_dict_round_trip_and_unknown_fields():
         ({"compile": "yes please"}, "'yes please' is not a boolean"),
         ({"keep_last": True}, "keep_last: True is bool, not int"),
         ({"learning_rate": float("inf")}, "learning_rate: inf is not a finite number"),
+        ({"sampling": "sequential"}, "sampling must be one of random, epochs"),
     ],
 )
 def test_bad_training_values_are_refused_from_any_source(values, message):

@@ -1,4 +1,4 @@
-"""The loader: memory-mapped splits, counter-based random batches (resume, DDP), sequential passes."""
+"""The loader: memory-mapped splits, counter-based random and epoch batches (resume, DDP), in-order passes."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import torch
 
 from smallgpt import loader
 from smallgpt.errors import SmallGPTError
-from smallgpt.loader import RandomBatches, load_split, sequential_batches
+from smallgpt.loader import SAMPLERS, EpochBatches, RandomBatches, load_split, sequential_batches
 
 # Distinct values, so a window's first token tells where it starts.
 TOKENS = np.arange(10_001, dtype=np.uint16)
@@ -104,32 +104,35 @@ def test_same_seed_same_batches_other_seed_other_batches():
     assert not torch.equal(one[0][0], other[0][0])
 
 
-def test_state_round_trip_continues_exactly():
-    sampler = RandomBatches(TOKENS, 16, 4, seed=5)
+@pytest.mark.parametrize("kind", SAMPLERS.values(), ids=SAMPLERS)
+def test_state_round_trip_continues_exactly(kind):
+    sampler = kind(TOKENS, 16, 4, seed=5)
     batches(sampler, 3)
     state = json.loads(json.dumps(sampler.state_dict()))
     expected = batches(sampler, 4)
-    resumed = RandomBatches(TOKENS, 16, 4, seed=999)  # the seed comes from the state
+    resumed = kind(TOKENS, 16, 4, seed=999)  # the seed comes from the state
     resumed.load_state_dict(state)
     assert_same(batches(resumed, 4), expected)
 
 
-def test_two_ranks_see_what_one_process_sees_with_two_accumulation_steps():
-    single = batches(RandomBatches(TOKENS, 16, 4, seed=11), 6)
-    rank0 = batches(RandomBatches(TOKENS, 16, 4, seed=11, rank=0, world_size=2), 3)
-    rank1 = batches(RandomBatches(TOKENS, 16, 4, seed=11, rank=1, world_size=2), 3)
+@pytest.mark.parametrize("kind", SAMPLERS.values(), ids=SAMPLERS)
+def test_two_ranks_see_what_one_process_sees_with_two_accumulation_steps(kind):
+    single = batches(kind(TOKENS, 16, 4, seed=11), 6)
+    rank0 = batches(kind(TOKENS, 16, 4, seed=11, rank=0, world_size=2), 3)
+    rank1 = batches(kind(TOKENS, 16, 4, seed=11, rank=1, world_size=2), 3)
     assert_same(single[0::2], rank0)
     assert_same(single[1::2], rank1)
     assert not torch.equal(rank0[0][0], rank1[0][0])
 
 
-def test_resume_on_a_different_world_size():
-    two_ranks = RandomBatches(TOKENS, 16, 4, seed=2, rank=1, world_size=2)
+@pytest.mark.parametrize("kind", SAMPLERS.values(), ids=SAMPLERS)
+def test_resume_on_a_different_world_size(kind):
+    two_ranks = kind(TOKENS, 16, 4, seed=2, rank=1, world_size=2)
     batches(two_ranks, 3)  # the world drew 6 micro-batches
-    single = RandomBatches(TOKENS, 16, 4, seed=2)
+    single = kind(TOKENS, 16, 4, seed=2)
     single.load_state_dict(two_ranks.state_dict())
-    assert_same(batches(single, 2), batches(RandomBatches(TOKENS, 16, 4, seed=2), 8)[6:])
-    four_ranks = RandomBatches(TOKENS, 16, 4, seed=2, rank=0, world_size=4)
+    assert_same(batches(single, 2), batches(kind(TOKENS, 16, 4, seed=2), 8)[6:])
+    four_ranks = kind(TOKENS, 16, 4, seed=2, rank=0, world_size=4)
     with pytest.raises(SmallGPTError, match="does not divide evenly"):
         four_ranks.load_state_dict(two_ranks.state_dict())
 
@@ -167,3 +170,22 @@ def test_sequential_ranks_are_disjoint_and_together_complete():
         starts[rank] = torch.cat(xs)[:, 0].tolist()
     assert all(set(starts[a]).isdisjoint(starts[b]) for a in range(3) for b in range(a + 1, 3))
     assert sorted(sum(starts.values(), [])) == list(range(0, 62 * 16, 16))
+
+
+def test_an_epoch_visits_every_window_once_then_a_new_order_starts():
+    tokens = np.arange(1001, dtype=np.uint16)  # n = 1000 // 16 - 1 = 61 windows of 17 tokens
+    sampler = EpochBatches(tokens, block_size=16, batch_size=4, seed=3)
+    x, y = (torch.cat(parts) for parts in zip(*batches(sampler, 31), strict=True))  # two epochs and more
+    assert torch.equal(x, x[:, :1] + torch.arange(16)) and torch.equal(y, x + 1) and int(y.max()) <= 1000
+    first, second = x[:61, 0], x[61:122, 0]
+    for epoch in (first, second):
+        offset = int(epoch[0]) % 16
+        assert sorted(((epoch - offset) // 16).tolist()) == list(range(61))  # each window once
+        assert set((epoch % 16).tolist()) == {offset}  # all from the epoch's offset
+    assert not torch.equal(first, second) and not torch.equal(first, torch.sort(first).values)
+
+
+def test_a_split_with_room_for_one_window_still_gives_epochs():
+    tokens = np.arange(20, dtype=np.uint16)  # fewer than 2 windows of 16: one window, starts 0..3
+    x, _ = EpochBatches(tokens, block_size=16, batch_size=50, seed=0).next_batch()
+    assert set(x[:, 0].tolist()) <= {0, 1, 2, 3} and len(set(x[:, 0].tolist())) > 1

@@ -9,6 +9,7 @@ read. Random sampling is *counter-based*: the k-th batch drawn by rank r of a wo
 global micro-batch number g = k * W + r and seeds a fresh generator with (seed, g). Nothing hidden
 accumulates, so the whole sampler state is one counter (exact resume), and W ranks drawing one batch
 each see exactly what one process sees drawing W batches (gradient accumulation ≡ data parallelism).
+`EpochBatches` draws the same way but visits every window once per epoch, in a shuffled order.
 
 Opening a split checks its ids against the model's vocabulary once, so a foreign or damaged file is
 refused in one line instead of failing inside the embedding: `meta.json` records each split's largest
@@ -18,6 +19,7 @@ id, and a file it does not describe (other size, or newer) is scanned instead.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -133,12 +135,16 @@ class RandomBatches:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """x, y of shape (batch_size, block_size); y is x shifted left by one token."""
-        global_index = self.calls * self.world_size + self.rank
-        rng = np.random.default_rng((self.seed, global_index))
-        # A window needs block_size + 1 tokens, so the last valid start is len - block_size - 1.
-        starts = rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
+        starts = self.window_starts(self.calls * self.world_size + self.rank)
         self.calls += 1
         return _windows(self.tokens, starts, self.block_size)
+
+    def window_starts(self, global_index: int) -> np.ndarray:
+        """Where the windows of the world's micro-batch number `global_index` start: anywhere, each
+        drawn independently (so a window may repeat before another is ever seen)."""
+        rng = np.random.default_rng((self.seed, global_index))
+        # A window needs block_size + 1 tokens, so the last valid start is len - block_size - 1.
+        return rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
 
     def state_dict(self) -> dict:
         """JSON-serialisable and identical on every rank: the seed and how far the world has got."""
@@ -158,6 +164,46 @@ class RandomBatches:
             )
         self.seed = int(state["seed"])
         self.calls = drawn // self.world_size
+
+
+class EpochBatches(RandomBatches):
+    """Random (x, y) windows that visit the split evenly: each epoch, every one of n non-overlapping
+    windows once, in a shuffled order, from a random offset (`TrainConfig.sampling = "epochs"`).
+
+    Drawn independently, windows cover only ~63% of the split in a pass's worth of tokens and repeat
+    the rest; here a budget of one epoch sees every token once. Still counter-based: window number k of
+    the world's stream is window (a * i + b) mod n of epoch k // n, i = k mod n, with a (coprime to n,
+    so i -> a * i + b is a permutation), b and the offset drawn from (seed, epoch) alone: O(1) memory
+    for any corpus, and resume and world sizes behave as for `RandomBatches`.
+    """
+
+    def __init__(self, tokens: np.ndarray, block_size: int, *args, **kwargs) -> None:
+        super().__init__(tokens, block_size, *args, **kwargs)
+        # One block_size of slack for the offset, when the split has room for it.
+        self.n_windows = max((len(tokens) - 1) // block_size - 1, 1)
+        self.max_offset = min(block_size - 1, len(tokens) - self.n_windows * block_size - 1)
+
+    def epoch_order(self, epoch: int) -> tuple[int, int, int]:
+        """Epoch `epoch`'s permutation i -> (a * i + b) mod n and its offset, from (seed, epoch)."""
+        rng = np.random.default_rng((self.seed, epoch, 1))  # 1: not a RandomBatches stream
+        n = self.n_windows
+        a = 0  # gcd(0, n) = n: drawn below, unless n = 1 (one window: any a will do)
+        while math.gcd(a, n) != 1:
+            a = int(rng.integers(1, n))
+        return a, int(rng.integers(0, n)), int(rng.integers(0, self.max_offset + 1))
+
+    def window_starts(self, global_index: int) -> np.ndarray:
+        k = global_index * self.batch_size + np.arange(self.batch_size)
+        epochs, positions = np.divmod(k, self.n_windows)
+        starts = np.empty_like(k)
+        for epoch in np.unique(epochs):  # a micro-batch can straddle two epochs
+            a, b, offset = self.epoch_order(int(epoch))
+            here = epochs == epoch
+            starts[here] = offset + (a * positions[here] + b) % self.n_windows * self.block_size
+        return starts
+
+
+SAMPLERS = {"random": RandomBatches, "epochs": EpochBatches}  # TrainConfig.sampling -> the sampler
 
 
 def sequential_batches(

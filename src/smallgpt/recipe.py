@@ -25,6 +25,7 @@ from smallgpt.config import (
 )
 from smallgpt.distributed import DTYPES
 from smallgpt.errors import SmallGPTError
+from smallgpt.loader import SAMPLERS
 from smallgpt.optim import OPTIMIZERS, SCHEDULES
 
 try:
@@ -67,6 +68,9 @@ class TrainConfig:
     log_interval: int = 10  # updates between progress/metrics records (the only device syncs)
     keep_last: int = 3  # step checkpoints kept besides best/
     seed: int = 1337
+    # Training windows: random (each drawn anywhere, independently) or epochs (every non-overlapping
+    # window once per epoch, shuffled: smallgpt.loader.EpochBatches)
+    sampling: str = "random"
     device: str = "auto"  # auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps
     # auto: bf16, or fp16 + gradient scaling, on CUDA; on a CPU bf16 where it measures faster
     # (smallgpt.precision), else fp32; fp32 on MPS. Or a name: float32, bfloat16, float16.
@@ -98,6 +102,7 @@ class TrainConfig:
             (self.muon_momentum_warmup >= 0, "muon_momentum_warmup must be >= 0"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
+            (self.sampling in SAMPLERS, f"sampling must be one of {', '.join(SAMPLERS)}"),
             (0 < self.decay_fraction <= 1, "decay_fraction must be in (0, 1]"),
             (0 <= self.min_lr <= self.learning_rate, "min_lr must be in [0, learning_rate]"),
             (self.warmup_iters >= 0 and self.lr_decay_iters >= 0, "warmup/decay iters must be >= 0"),

@@ -51,7 +51,7 @@ from smallgpt.distributed import Runtime, StopSignal, autocast, keep_freed_memor
 from smallgpt.errors import SmallGPTError, first_line
 from smallgpt.evaluate import estimate_loss, full_pass_loss, perplexity
 from smallgpt.files import WriteError, atomic_write_dir, atomic_write_text, remove_temporaries
-from smallgpt.loader import DeviceBatches, RandomBatches, data_identity, load_split, same_data
+from smallgpt.loader import SAMPLERS, DeviceBatches, data_identity, load_split, same_data
 from smallgpt.model import GPT
 from smallgpt.monitor import RunMonitor, datasheet_peak, measure_matmul_peak, trim_metrics
 from smallgpt.optim import learning_rate_at, make_optimizer, set_learning_rates
@@ -118,7 +118,7 @@ class Trainer:
             runtime.rank,
             runtime.world_size,
         )
-        sampler = RandomBatches(self.train_tokens, block, micro, cfg.seed, rank, world)
+        sampler = SAMPLERS[cfg.sampling](self.train_tokens, block, micro, cfg.seed, rank, world)
         self.batches = DeviceBatches(sampler, device)
         self.step, self.best_val_loss = 0, math.inf
         if start.resumes:
