@@ -22,7 +22,7 @@ from training_helpers import (
 
 from smallgpt.distributed import Runtime
 from smallgpt.errors import SmallGPTError
-from smallgpt.loader import DeviceBatches, RandomBatches
+from smallgpt.loader import SAMPLERS, DeviceBatches, RandomBatches
 from smallgpt.model import GPT
 from smallgpt.optim import make_optimizer
 from smallgpt.recipe import TrainConfig, resolve_config
@@ -109,6 +109,15 @@ def test_gradient_accumulation_equals_one_large_batch(data, tmp_path, recipe, at
     assert losses_big == pytest.approx(losses_acc, abs=1e-5)
     for name, tensor in weights_big.items():
         torch.testing.assert_close(weights_acc[name], tensor, atol=atol, rtol=1e-5)
+
+
+def test_the_sampling_knob_picks_how_training_windows_are_drawn(data, tmp_path):
+    runtime, quiet = Runtime(0, 0, 1, torch.device("cpu")), Console(quiet=True)
+    for sampling, kind in SAMPLERS.items():  # each kind's windows: tests/test_loader.py
+        trainer = Trainer(tiny_run(sampling=sampling), data, tmp_path / sampling, runtime, quiet)
+        assert type(trainer.batches.sampler) is kind
+    assert resolve_config("tiny-modern").train.sampling == "epochs"  # issue 22's third pass
+    assert resolve_config("tiny").train.sampling == "random"
 
 
 def test_sigkill_and_resume_gives_bit_identical_weights(data, tmp_path):

@@ -148,8 +148,10 @@ MODERN = dict(
 # tiny-modern's rates, from issue 22's sweep at its shape (RESULTS, "Recipe, issue 22: the rates"): a
 # quarter of the Muon step (an update RMS of 0.002, about nanochat's) and twice AdamW's rate for the
 # head and the norm gains were 0.18 nats better at 0.2M tokens and 0.14 at 0.6M. The seed shape's
-# rates were not swept again.
-TINY_MODERN_RATES = dict(muon_lr=0.01, learning_rate=0.024)
+# rates were not swept again. Its third pass ("Recipe, issue 22 (third pass)"): AdamW with a short
+# memory of the gradient and a long one of its square (beta1 0.6, beta2 0.99; for the embedding, the
+# head and the norm gains) and training windows that visit the corpus evenly (`sampling=epochs`).
+TINY_MODERN_RATES = dict(muon_lr=0.01, learning_rate=0.024, beta1=0.6, beta2=0.99, sampling="epochs")
 TRAIN_PRESETS["tiny-modern"] = dataclasses.replace(TRAIN_PRESETS["tiny"], **{**MODERN, **TINY_MODERN_RATES})
 TRAIN_PRESETS["smallgpt-10m-modern"] = TrainConfig(**MODERN)
 
