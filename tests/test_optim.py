@@ -61,6 +61,25 @@ def test_muon_holds_exactly_the_block_matrices_and_adamw_the_rest():
     assert [g["betas"] for g in optimizer.optimizers[1].param_groups] == [(0.9, 0.99), *[(0.9, 0.95)] * 2]
 
 
+@pytest.mark.parametrize("recipe", [{}, MODERN], ids=["seed", "modern"])
+def test_adam_eps_damps_the_steps_of_gradients_below_it(recipe):
+    """AdamW's first step is lr * g / (|g| + eps): a full lr step for a gradient far above eps, a
+    damped one for a gradient near or below it (what `adam_eps` trades)."""
+    moved = []
+    for eps in (1e-8, 1e-5):
+        run = tiny_run(**recipe, adam_eps=eps, learning_rate=0.01)
+        model = GPT(run.model)
+        optimizer = make_optimizer(model, run.train, torch.device("cpu"))
+        set_learning_rates(optimizer, run.train, step=run.train.warmup_iters)  # the peak
+        head = model.lm_head.weight
+        before = head.detach().clone()
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 1e-5)
+        optimizer.step()
+        moved.append((before - head.detach()).mean().item())
+    assert moved[0] == pytest.approx(0.01, rel=1e-3) and moved[1] == pytest.approx(0.005, rel=1e-3)
+
+
 def test_wsd_schedule_warms_up_holds_then_decays_linearly_to_zero():
     cfg = TrainConfig(max_iters=1000, warmup_iters=100, learning_rate=1e-3, min_lr=0.0, schedule="wsd")
     factors = [lr_factor(cfg, step) for step in range(1000)]

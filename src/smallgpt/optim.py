@@ -164,7 +164,7 @@ def _adamw(model: GPT, params: list, cfg: TrainConfig, kernels: Kernels) -> torc
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     betas = (cfg.beta1, cfg.beta2)
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, fused=kernels.fused)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, eps=cfg.adam_eps, fused=kernels.fused)
 
 
 def _muon(model: GPT, params: list, cfg: TrainConfig, kernels: Kernels) -> Optimizers:
@@ -193,7 +193,7 @@ def _muon(model: GPT, params: list, cfg: TrainConfig, kernels: Kernels) -> Optim
     groups = [group for group in groups if group["params"]]
     betas = (cfg.beta1, cfg.beta2)
     adamw = torch.optim.AdamW(
-        groups, lr=cfg.learning_rate, betas=betas, weight_decay=0.0, fused=kernels.fused
+        groups, lr=cfg.learning_rate, betas=betas, eps=cfg.adam_eps, weight_decay=0.0, fused=kernels.fused
     )
     return Optimizers(muon, adamw)
 

@@ -62,6 +62,8 @@ class TrainConfig:
     weight_decay: float = 0.1  # on matrices (dim >= 2) only, never biases or norms; Muon's too
     beta1: float = 0.9
     beta2: float = 0.95
+    # AdamW's epsilon: steps shrink for gradients not far above it (the head's rows of rare tokens)
+    adam_eps: float = 1e-8
     grad_clip: float = 1.0  # largest global gradient norm; 0 = no clipping
     eval_interval: int = 250  # updates between validation estimates and checkpoints
     eval_iters: int = 20  # batches per validation estimate
@@ -108,6 +110,7 @@ class TrainConfig:
             (self.warmup_iters >= 0 and self.lr_decay_iters >= 0, "warmup/decay iters must be >= 0"),
             (self.weight_decay >= 0 and self.grad_clip >= 0, "weight_decay and grad_clip must be >= 0"),
             (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)"),
+            (0 < self.adam_eps < 1, "adam_eps must be in (0, 1)"),
             (min(self.eval_interval, self.eval_iters, self.log_interval, self.keep_last) >= 1,
              "eval_interval, eval_iters, log_interval and keep_last must be at least 1"),
             (self.dtype in ("auto", *DTYPES), f"dtype must be auto or one of {', '.join(DTYPES)}"),
@@ -150,8 +153,12 @@ MODERN = dict(
 # head and the norm gains were 0.18 nats better at 0.2M tokens and 0.14 at 0.6M. The seed shape's
 # rates were not swept again. Its third pass ("Recipe, issue 22 (third pass)"): AdamW with a short
 # memory of the gradient and a long one of its square (beta1 0.6, beta2 0.99; for the embedding, the
-# head and the norm gains) and training windows that visit the corpus evenly (`sampling=epochs`).
-TINY_MODERN_RATES = dict(muon_lr=0.01, learning_rate=0.024, beta1=0.6, beta2=0.99, sampling="epochs")
+# head and the norm gains) and an epsilon of 1e-5 that damps the tiny gradients of rarely seen tokens'
+# rows, Muon's momentum 0.9, and training windows that visit the corpus evenly (`sampling=epochs`).
+TINY_MODERN_RATES = dict(
+    muon_lr=0.01, learning_rate=0.024, beta1=0.6, beta2=0.99, adam_eps=1e-5, sampling="epochs",
+    muon_momentum=0.9, muon_momentum_start=0.9, muon_momentum_end=0.9,
+)  # fmt: skip
 TRAIN_PRESETS["tiny-modern"] = dataclasses.replace(TRAIN_PRESETS["tiny"], **{**MODERN, **TINY_MODERN_RATES})
 TRAIN_PRESETS["smallgpt-10m-modern"] = TrainConfig(**MODERN)
 
