@@ -5,6 +5,9 @@
     .venv/bin/python benchmarks/train_throughput.py --preset tiny-modern --batch 8 --updates 5 \
         --against ../base/src --rounds 2            (side by side with another checkout, A/B/A/B)
     .venv/bin/python benchmarks/train_throughput.py --against nanogpt:NANOGPT/model.py   (nanoGPT's own)
+    ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI .venv/bin/python benchmarks/train_throughput.py ...
+                    (as on a Xeon without native bf16: oneDNN's bf16 kernels capped to a Cascade Lake's
+                    instruction set, bf16 matmuls then ~5x slower than fp32; `dtype=auto` measures anew)
 
 Builds the `Trainer` that `smallgpt train` builds (model, AdamW, data stream from a prepared data dir,
 default: the bundled corpus), runs a few warm-up updates (compilation happens there), then times

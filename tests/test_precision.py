@@ -218,6 +218,15 @@ def test_a_stale_cache_from_another_torch_is_measured_again(cache, monkeypatch):
     assert precision.cpu_decision(TINY, 1024).dtype == torch.float32 and cache["calls"] == 2
 
 
+def test_a_capped_instruction_set_is_measured_again(cache, monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    cache["times"] = (3.0, 1.0)
+    assert precision.cpu_decision(TINY, 1024).dtype == torch.bfloat16
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")  # oneDNN without its bf16 kernels
+    cache["times"] = (1.0, 4.0)
+    assert precision.cpu_decision(TINY, 1024).dtype == torch.float32 and cache["calls"] == 2
+
+
 def test_a_cache_that_cannot_be_written_costs_a_measurement_not_the_run(cache, tmp_path, monkeypatch):
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("SMALLGPT_CACHE", str(tmp_path / "file"))  # a file where the directory should be

@@ -176,37 +176,20 @@ def model(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Print a preset's layers, parameter counts and training recipe; settings as in `train`."""
-    import dataclasses
-
-    import torch
-
-    from smallgpt.model import GPT
     from smallgpt.recipe import resolve_config
-    from smallgpt.runs import split_cli_args
+    from smallgpt.runs import model_summary, split_cli_args
 
     positional, overrides = split_cli_args(ctx.args)
     if positional:
         raise SmallGPTError(f"unexpected argument {positional[0]!r}: settings are written key=value")
     run = resolve_config(preset, None, overrides)
-    preset, config = run.preset, run.model
-    with torch.device("meta"):  # shapes without storage: any size can be counted
-        gpt = GPT(config)
-    rows = [(name, list(p.shape), p.numel()) for name, p in gpt.named_parameters()]
-    summary = {
-        "preset": preset,
-        "config": config.to_dict(),
-        "parameters": gpt.num_params(non_embedding=False),
-        "non_embedding_parameters": gpt.num_params(non_embedding=True),
-        "flops_per_token": gpt.flops_per_token(),
-        "train": dataclasses.asdict(run.train),
-        "layers": [{"name": n, "shape": s, "count": c} for n, s, c in rows],
-    }
+    preset, config, summary = run.preset, run.model, model_summary(run)
     if as_json:
         print(json.dumps(summary, indent=2))
         return
     table = Table("parameter", "shape", "count", title=f"{preset}: {config}")
-    for name, shape, count in rows:
-        table.add_row(name, "x".join(map(str, shape)), f"{count:,}")
+    for layer in summary["layers"]:
+        table.add_row(layer["name"], "x".join(map(str, layer["shape"])), f"{layer['count']:,}")
     console.print(table)
     head = (
         "head tied to wte" if config.architecture.tied_head else "untied head: not counted as non-embedding"
@@ -346,68 +329,14 @@ def sample(
     ] = False,
 ) -> None:
     """Continue prompts with a trained model, all samples in one batch, printing tokens as they come."""
-    from pathlib import Path
-
-    from smallgpt.checkpoint import load_model
-    from smallgpt.distributed import pick_device
-    from smallgpt.engine import Engine
-    from smallgpt.generate import SamplingParams, quantize_int8
-    from smallgpt.kvcache import bucket
+    from smallgpt.generate import SamplingParams
+    from smallgpt.sample import sample_command
 
     params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop or ()))
-    if max_new_tokens < 1:
-        raise SmallGPTError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if num_samples < 1:
-        raise SmallGPTError(f"num_samples must be at least 1, got {num_samples}")
-    prompts = list(prompt or [])
-    if prompt_file is not None:
-        try:
-            prompts.append(Path(prompt_file).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as exc:
-            raise SmallGPTError(f"cannot read prompt file {prompt_file}: {exc}") from None
-    model = load_model(checkpoint, pick_device(device))
-    # Rows in powers of two, as the server's default pool: decode steps then run at the same sizes,
-    # and a seeded sample is the text the server gives the same request alone (see `DecodeStep`).
-    rows = bucket(max(len(prompts), 1) * num_samples, MAX_SAMPLE_BATCH)
-    engine = Engine(quantize_int8(model) if int8 else model, max_batch=rows)
-    if prompts or not interactive:
-        _print_samples(engine, prompts or [""], params, num_samples)
-    while interactive:
-        try:
-            line = input("prompt> ")
-        except EOFError:
-            break
-        _print_samples(engine, [line], params, num_samples)
-
-
-MAX_SAMPLE_BATCH = 64  # more samples than this wait for a free row
-
-
-def _print_samples(engine, prompts: list[str], params, num_samples: int) -> None:
-    """Generate `num_samples` continuations of each prompt in one batch; print them one after another,
-    the one on screen as its tokens come, and a one-line summary of each to stderr."""
-    import time
-
-    if "" in prompts:
-        err_console.print("note: empty prompt: starting from <|endoftext|>", highlight=False)
-    shown = [p for p in prompts for _ in range(num_samples)]
-    sequences = [engine.submit(request) for request in engine.requests(prompts, params, num_samples)]
-    start, finished_at, printed = time.perf_counter(), {}, 0
-    for i, sequence in enumerate(sequences):
-        print(("-" * 40 + "\n" if i else "") + shown[i], end="", flush=True)
-        while True:
-            print(sequence.output[printed:], end="", flush=True)
-            printed = len(sequence.output)
-            if sequence.done:
-                break
-            engine.step()
-            now = time.perf_counter()
-            finished_at.update((j, now) for j, s in enumerate(sequences) if s.done and j not in finished_at)
-        print(flush=True)
-        printed, tokens = 0, len(sequence.token_ids)
-        rate = tokens / (finished_at.get(i, time.perf_counter()) - start)
-        summary = f"[{tokens} tokens, {rate:.0f} tokens/s, finish: {sequence.finish_reason}]"
-        err_console.print(summary, highlight=False, markup=False)
+    sample_command(
+        checkpoint, list(prompt or []), params, prompt_file=prompt_file, num_samples=num_samples,
+        interactive=interactive, device=device, int8=int8, err_console=err_console,
+    )  # fmt: skip
 
 
 @app.command()

@@ -7,10 +7,11 @@ second) and trains in bf16 autocast, with fp32 master weights and fp32 softmax a
 bf16 wins by BF16_MARGIN. Two kinds of work get their own verdicts, because their kernels are not the
 big matmuls': Muon's Newton-Schulz iterations (small square matmuls: torch's bf16, unless fp32 is
 faster by that margin) and attention with its backward (PyTorch's CPU flash-attention kernel, whose
-bf16 backward can be several times slower than its fp32 one at small head sizes). The result
-is stored in the cache directory under a key of everything it depends on (CPU model and flags, torch
-version, shapes), so later runs on the same machine pay nothing; an unreadable or foreign cache file
-is measured again and rewritten, never trusted and never fatal.
+bf16 backward can be several times slower than its fp32 one at small head sizes). The result is
+stored in the cache directory under a key of everything it depends on (CPU model and flags, the
+instruction-set caps oneDNN and ATen are given, torch version, shapes), so later runs on the same
+machine pay nothing; an unreadable or foreign cache file is measured again and rewritten, never
+trusted and never fatal.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ from smallgpt.errors import SmallGPTError
 from smallgpt.loss import tile_columns
 
 CACHE_NAME = "precision.json"
+ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")  # environment variables that limit the kernels
 CACHE_VERSION = 2
 BF16_MARGIN = 1.25  # bf16 must be this much faster: autocast's casts and a rounding cost are not free
 BURST_SECONDS, ROUNDS = 0.01, 5  # a shape is timed in bursts of ~10 ms; the best of 5 counts
@@ -178,6 +181,9 @@ def machine_key(config: ModelConfig, rows: int) -> str:
     """A digest of everything a verdict depends on: CPU model and flags, torch, shapes."""
     facts = {
         "cpu": cpu_description(),
+        # A capped instruction set (e.g. ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI, a Xeon without native bf16)
+        # changes the verdict on the same CPU.
+        "isa_caps": {name: os.environ.get(name) for name in ISA_CAPS},
         "torch": torch.__version__,
         "shapes": model_shapes(config, rows) + newton_schulz_shapes(config) + [attention_shape(config, rows)],
     }

@@ -3,7 +3,8 @@
 The command line gives a preset, a TOML file and `key=value` words (`smallgpt.recipe` turns them into a
 `RunConfig`); `--resume RUN_DIR` reads the run's own config, data and step from its newest checkpoint
 and keeps its learning-rate schedule. Then `smallgpt.train.train` runs it (fitting the micro-batch to
-the world size under torchrun, unless the user chose one).
+the world size under torchrun, unless the user chose one). `smallgpt model` shows the same RunConfig
+before any of it runs (`model_summary`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,27 @@ from smallgpt.config import parse_overrides
 from smallgpt.errors import SmallGPTError
 from smallgpt.recipe import RunConfig, config_file_keys, resolve_config
 from smallgpt.train import TrainResult, train
+
+
+def model_summary(run: RunConfig) -> dict:
+    """What `smallgpt model` shows of a run: its shape, parameter counts, FLOPs and recipe."""
+    import torch
+
+    from smallgpt.model import GPT
+
+    with torch.device("meta"):  # shapes without storage: any size can be counted
+        gpt = GPT(run.model)
+    return {
+        "preset": run.preset,
+        "config": run.model.to_dict(),
+        "parameters": gpt.num_params(non_embedding=False),
+        "non_embedding_parameters": gpt.num_params(non_embedding=True),
+        "flops_per_token": gpt.flops_per_token(),
+        "train": dataclasses.asdict(run.train),
+        "layers": [
+            {"name": name, "shape": list(p.shape), "count": p.numel()} for name, p in gpt.named_parameters()
+        ],
+    }
 
 
 def train_command(
