@@ -7,7 +7,8 @@ copied here. Its `GPT` is built at tiny-modern's shape (layers, width, heads, co
 which its code pads to a multiple of 64) and initialised by its `init_weights`; its `setup_optimizer`
 gives its Muon + AdamW with `scripts/base_train.py`'s default reference rates, not rescaled for our
 batch (its rule, rates x sqrt(batch / 2^19), is tuned for batches 500x ours), and weight decay likewise
-unscaled. The schedules are base_train.py's own functions (warm-up, warm-down to 5% over the last 65%,
+unscaled (`--weight-decay W` replaces its 0.28, e.g. by the ~0.21 its rule gives at this shape).
+The schedules are base_train.py's own functions (warm-up, warm-down to 5% over the last 65%,
 Muon momentum 0.85 -> 0.97 -> 0.90, cosine weight decay), read out of that script with its argument
 defaults rather than rewritten. Each update is 8 x 128 tokens from SmallGPT's `RandomBatches` (seed
 1337) over the training split, the windows issue 22's run used (tiny-modern itself now samples in
@@ -46,8 +47,11 @@ MICRO_BATCH = 8  # sequences per update, as tiny-modern's batch
 SCHEDULES = ("get_lr_multiplier", "get_muon_momentum", "get_weight_decay")
 
 
-def base_train_recipe(script: Path, num_iterations: int) -> tuple[argparse.Namespace, dict]:
-    """base_train.py's argument defaults and its schedule functions for a run of `num_iterations`.
+def base_train_recipe(
+    script: Path, num_iterations: int, weight_decay: float | None = None
+) -> tuple[argparse.Namespace, dict]:
+    """base_train.py's argument defaults and its schedule functions for a run of `num_iterations`,
+    Muon's weight decay peaking at `weight_decay` (default: the script's reference value).
 
     The script trains when run, so its `parser.add_argument` calls and its three schedule functions
     are lifted from its syntax tree and run alone, with the globals they read."""
@@ -63,6 +67,8 @@ def base_train_recipe(script: Path, num_iterations: int) -> tuple[argparse.Names
     parser = argparse.ArgumentParser()
     exec(compile(ast.Module(arguments, []), str(script), "exec"), {"parser": parser})
     defaults = parser.parse_args([])
+    if weight_decay is not None:
+        defaults.weight_decay = weight_decay
     # "No batch rescaling": the reference weight decay as it stands, as the reference rates.
     scope = {"args": defaults, "num_iterations": num_iterations, "weight_decay_scaled": defaults.weight_decay}
     exec(compile("import math", str(script), "exec"), scope)
@@ -82,14 +88,20 @@ class Scored(torch.nn.Module):
         return self.gpt(x, y)
 
 
-def run_once(nanochat: Path, tokens: float, data: Path, val_tokens: int | None = None) -> dict:
+def run_once(
+    nanochat: Path,
+    tokens: float,
+    data: Path,
+    val_tokens: int | None = None,
+    weight_decay: float | None = None,
+) -> dict:
     """Train nanochat's recipe for `tokens` tokens at tiny-modern's shape; recipe_compare.py's fields."""
     from nanochat.gpt import GPT, GPTConfig
 
     shape = SHAPE.model
     per_update = MICRO_BATCH * shape.block_size
     updates = max(1, round(tokens / per_update))
-    defaults, schedule = base_train_recipe(nanochat / "scripts" / "base_train.py", updates)
+    defaults, schedule = base_train_recipe(nanochat / "scripts" / "base_train.py", updates, weight_decay)
     config = GPTConfig(
         sequence_len=shape.block_size, vocab_size=shape.vocab_size, n_layer=shape.n_layer,
         n_head=shape.n_head, n_kv_head=shape.n_head, n_embd=shape.n_embd,
@@ -129,7 +141,7 @@ def run_once(nanochat: Path, tokens: float, data: Path, val_tokens: int | None =
     trained, timed = updates * per_update, max(updates - 1, 1) * per_update
     return {
         "preset": "nanochat@tiny-modern",
-        "overrides": {},
+        "overrides": {} if weight_decay is None else {"weight_decay": weight_decay},
         "tokens": trained,
         "updates": updates,
         "val_loss": val_loss,
@@ -148,6 +160,7 @@ def main() -> None:
     parser.add_argument("--tokens", nargs="+", type=float, default=[0.2], help="budgets in millions")
     parser.add_argument("--data", help="prepared data dir (default: the bundled corpus)")
     parser.add_argument("--val-tokens", type=int, help="score only the split's first N tokens")
+    parser.add_argument("--weight-decay", type=float, help="Muon's peak weight decay (default: base_train's)")
     parser.add_argument("--json", action="store_true", help="one JSON line per run")
     args = parser.parse_args()
     if not (args.nanochat / "nanochat" / "gpt.py").is_file():
@@ -159,7 +172,7 @@ def main() -> None:
     os.environ.setdefault("NANOCHAT_DTYPE", "float32")
     sys.path.insert(0, str(args.nanochat))
     for millions in args.tokens:
-        r = run_once(args.nanochat, millions * 1e6, Path(args.data), args.val_tokens)
+        r = run_once(args.nanochat, millions * 1e6, Path(args.data), args.val_tokens, args.weight_decay)
         if args.json:
             print(json.dumps(r), flush=True)
         else:
