@@ -15,7 +15,8 @@ times the updates alone, then scores the whole validation split (`full_pass_loss
 `smallgpt train` prints last). The presets run one after the other in this process, on the same data
 and thread count, so their figures compare. On a shared machine `--parallel` runs them at the same
 time instead, one process and one thread each, so both see the same contention; the process CPU time
-per token is printed beside the wall time either way.
+per token is printed beside the wall time either way. Its sibling `nanochat_peer.py` runs nanochat's own
+recipe at tiny-modern's shape and prints the same fields, for the peer's row of the table.
 """
 
 from __future__ import annotations
