@@ -29,13 +29,13 @@ import argparse
 import ast
 import contextlib
 import io
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+from recipe_compare import print_record, run_record  # the record every recipe table prints (same dir)
 
 from smallgpt.distributed import Runtime
 from smallgpt.evaluate import full_pass_loss
@@ -139,19 +139,11 @@ def run_once(
         Scored(model, shape.block_size), val, MICRO_BATCH, cpu, torch.float32, max_tokens=val_tokens
     )
     trained, timed = updates * per_update, max(updates - 1, 1) * per_update
-    return {
-        "preset": "nanochat@tiny-modern",
-        "overrides": {} if weight_decay is None else {"weight_decay": weight_decay},
-        "tokens": trained,
-        "updates": updates,
-        "val_loss": val_loss,
-        "val_tokens": val_tokens or len(val),
-        "last_train_loss": loss.item(),
-        "train_seconds": seconds,
-        "tokens_per_s": timed / seconds,
-        "cpu_us_per_token": cpu_seconds / timed * 1e6,
-        "threads": torch.get_num_threads(),
-    }
+    overrides = {} if weight_decay is None else {"weight_decay": weight_decay}
+    return run_record(
+        "nanochat@tiny-modern", overrides, updates, trained, val_loss, val_tokens or len(val), loss.item(),
+        seconds, cpu_seconds, timed,
+    )  # fmt: skip
 
 
 def main() -> None:
@@ -173,15 +165,7 @@ def main() -> None:
     sys.path.insert(0, str(args.nanochat))
     for millions in args.tokens:
         r = run_once(args.nanochat, millions * 1e6, Path(args.data), args.val_tokens, args.weight_decay)
-        if args.json:
-            print(json.dumps(r), flush=True)
-        else:
-            print(
-                f"{millions:g}M tokens  {r['preset']:<20} val loss {r['val_loss']:.3f}   "
-                f"{r['tokens_per_s']:,.0f} tokens/s   {r['train_seconds']:,.0f} s   "
-                f"CPU {r['cpu_us_per_token']:,.0f} us/token",
-                flush=True,
-            )
+        print_record(millions, r, args.json)
 
 
 if __name__ == "__main__":

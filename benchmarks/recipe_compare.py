@@ -78,19 +78,46 @@ def run_once(
             max_tokens=val_tokens,
         )
     trained = updates * per_update
+    return run_record(
+        preset, overrides, updates, trained, val_loss, val_tokens or len(trainer.val_tokens), last_loss,
+        seconds, cpu_seconds,
+    )  # fmt: skip
+
+
+def run_record(
+    preset: str, overrides: dict, updates: int, trained: int, val_loss: float, val_tokens: int,
+    last_loss: float, seconds: float, cpu_seconds: float, timed: int | None = None,
+) -> dict:  # fmt: skip
+    """One run's figures, the fields every recipe table prints (`nanochat_peer.py` returns them too).
+    `timed`: the tokens the clock saw, when it missed some (default: all `trained`)."""
+    timed = timed or trained
     return {
         "preset": preset,
         "overrides": overrides,
         "tokens": trained,
         "updates": updates,
         "val_loss": val_loss,
-        "val_tokens": val_tokens or len(trainer.val_tokens),
+        "val_tokens": val_tokens,
         "last_train_loss": last_loss,
         "train_seconds": seconds,
-        "tokens_per_s": trained / seconds,
-        "cpu_us_per_token": cpu_seconds / trained * 1e6,
+        "tokens_per_s": timed / seconds,
+        "cpu_us_per_token": cpu_seconds / timed * 1e6,
         "threads": torch.get_num_threads(),
     }
+
+
+def print_record(millions: float, record: dict, as_json: bool) -> None:
+    """A run as one JSON line, or as one line of the table."""
+    if as_json:
+        print(json.dumps(record), flush=True)
+        return
+    r = record
+    print(
+        f"{millions:g}M tokens  {r['preset']:<20} val loss {r['val_loss']:.3f}   "
+        f"{r['tokens_per_s']:,.0f} tokens/s   {r['train_seconds']:,.0f} s   "
+        f"CPU {r['cpu_us_per_token']:,.0f} us/token   {r['overrides'] or ''}",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -118,15 +145,7 @@ def main() -> None:
         else:
             results = [run_once(*job) for job in jobs]
         for r in results:
-            if args.json:
-                print(json.dumps(r), flush=True)
-                continue
-            print(
-                f"{millions:g}M tokens  {r['preset']:<20} val loss {r['val_loss']:.3f}   "
-                f"{r['tokens_per_s']:,.0f} tokens/s   {r['train_seconds']:,.0f} s   "
-                f"CPU {r['cpu_us_per_token']:,.0f} us/token   {r['overrides'] or ''}",
-                flush=True,
-            )
+            print_record(millions, r, args.json)
         if not args.json and len(results) > 1:
             base = results[0]
             for r in results[1:]:
