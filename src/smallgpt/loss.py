@@ -28,6 +28,8 @@ CPU take longer than the matmul itself in bf16 (benchmarks/RESULTS.md). Under `t
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 IGNORE_INDEX = -1  # targets with this value contribute nothing (e.g. padding)
@@ -56,16 +58,26 @@ def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 
 class _TileBuffers:
-    """Where a tile's logits go, allocated once per call and reused by every tile: fresh megabyte-sized
-    tensors would each cost the allocator page faults. `mm` takes the matmul's output (bf16/fp16 under
-    autocast) unless the tile has a kept slot of its own; `acc` holds it in fp32 for the softmax's
-    passes (PyTorch's CPU kernels for the reductions and exp run 2-3x faster on fp32 than on bf16,
-    casting in their loops). Without autocast both are the one fp32 buffer and every pass is in place."""
+    """Where a tile's logits go, allocated once per call (on first use) and reused by every tile: fresh
+    megabyte-sized tensors would each cost the allocator page faults. `mm` takes the matmul's output
+    (bf16/fp16 under autocast) unless the tile has a kept slot of its own; `acc` holds it in fp32 for
+    the softmax's passes (PyTorch's CPU kernels for the reductions and exp run 2-3x faster on fp32 than
+    on bf16, casting in their loops). Without autocast both are the one fp32 buffer and every pass is
+    in place. A training step that keeps its tiles needs `acc` under autocast and, in fp32, neither."""
 
     def __init__(self, rows: int, columns: int, mm_dtype: torch.dtype, acc: torch.dtype, device):
-        self.acc = torch.empty(rows * columns, dtype=acc, device=device)
-        self.mm = self.acc if mm_dtype == acc else torch.empty(rows * columns, dtype=mm_dtype, device=device)
-        self.rows = rows
+        self.rows, self.size, self.device = rows, rows * columns, device
+        self.mm_dtype, self.acc_dtype = mm_dtype, acc
+
+    @functools.cached_property
+    def acc(self) -> torch.Tensor:
+        return torch.empty(self.size, dtype=self.acc_dtype, device=self.device)
+
+    @functools.cached_property
+    def mm(self) -> torch.Tensor:
+        if self.mm_dtype == self.acc_dtype:
+            return self.acc
+        return torch.empty(self.size, dtype=self.mm_dtype, device=self.device)
 
     def logits(self, h: torch.Tensor, w_tile: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """h @ w_tile^T in the matmul dtype, into `out` if given."""
@@ -73,7 +85,7 @@ class _TileBuffers:
 
     def in_acc_dtype(self, logits: torch.Tensor) -> torch.Tensor:
         """The tile in the accumulation dtype: itself, or a copy under autocast."""
-        if logits.dtype == self.acc.dtype:
+        if logits.dtype == self.acc_dtype:
             return logits
         return self._view(self.acc, logits.shape[1]).copy_(logits)
 
