@@ -12,21 +12,19 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
 from smallgpt.checkpoint import RunStart, read_model_config
 from smallgpt.config import parse_overrides
 from smallgpt.errors import SmallGPTError
+from smallgpt.model import GPT
 from smallgpt.recipe import RunConfig, config_file_keys, resolve_config
 from smallgpt.train import TrainResult, train
 
 
 def model_summary(run: RunConfig) -> dict:
     """What `smallgpt model` shows of a run: its shape, parameter counts, FLOPs and recipe."""
-    import torch
-
-    from smallgpt.model import GPT
-
     with torch.device("meta"):  # shapes without storage: any size can be counted
         gpt = GPT(run.model)
     return {
