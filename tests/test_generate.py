@@ -16,10 +16,13 @@ from smallgpt.config import ModelConfig
 from smallgpt.engine import Completion, Engine, Request, prompt_ids
 from smallgpt.errors import SmallGPTError
 from smallgpt.generate import (
+    PACK_FROM_ROWS,
     Int8Linear,
+    PackedLinear,
     RowText,
     SamplingParams,
     inverse_cdf,
+    packed_for_decoding,
     quantize_int8,
     sample_next_token,
 )
@@ -305,6 +308,29 @@ def test_int8_weights_on_every_linear_keep_the_distribution_and_leave_the_model_
     greedy = SamplingParams(30, temperature=0)  # "Hello" + 30 tokens fill the 32-token context
     [completion] = Engine(quantized).generate(["Hello"], greedy)
     assert completion.token_ids == reference_generate(quantized, "Hello", greedy)
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="packed GEMM is MKL's")
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_packed_twin_shares_the_weights_and_follows_them(arch):
+    model = small_model(arch=arch)
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    twin = packed_for_decoding(model, 16)
+    assert [name for name, module in twin.named_modules() if isinstance(module, PackedLinear)] == linears
+    assert {id(p) for p in twin.parameters()} == {id(p) for p in model.parameters()}  # shared, not copied
+    ids = torch.randint(0, 50257, (16, 1), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for rows in (PACK_FROM_ROWS, 8, 16):  # packed: another kernel, the same products to rounding
+            torch.testing.assert_close(twin(ids[:rows]), model(ids[:rows]), atol=1e-4, rtol=1e-5)
+        few = ids[: PACK_FROM_ROWS - 1]  # too few rows to pack: the plain layers, bit for bit
+        assert torch.equal(twin(few), model(few))
+        before = twin(ids)
+        for param in model.parameters():  # trained further (in place): the packings follow
+            param.mul_(0.5)
+        torch.testing.assert_close(twin(ids), model(ids), atol=1e-4, rtol=1e-5)
+        assert not torch.allclose(twin(ids), before)
+    assert packed_for_decoding(model, PACK_FROM_ROWS - 1) is None  # no step would use it
+    assert packed_for_decoding(small_model(arch=arch).to(torch.bfloat16), 16) is None
 
 
 def test_model_with_another_vocabulary_is_refused():
