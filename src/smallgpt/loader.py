@@ -13,7 +13,8 @@ each see exactly what one process sees drawing W batches (gradient accumulation 
 
 Opening a split checks its ids against the model's vocabulary once, so a foreign or damaged file is
 refused in one line instead of failing inside the embedding: `meta.json` records each split's largest
-id, and a file it does not describe (other size, or newer) is scanned instead.
+id, and a file it does not describe (other size, or newer) is scanned instead. `training_data` opens
+both splits for a run and refuses a corpus too small to train on.
 """
 
 from __future__ import annotations
@@ -247,3 +248,27 @@ class DeviceBatches:
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state)
         self._fetch()
+
+
+def training_data(data_dir: Path, block_size: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The train and val splits, refused in one line when too small to train on or beyond the vocabulary.
+
+    Training draws windows of block_size + 1 tokens from the train split, so that is the smallest
+    trainable corpus; a validation split shorter than one window is scored in shorter windows.
+    """
+    val_file = data_dir / "val.bin"
+    if val_file.is_file() and val_file.stat().st_size == 0:
+        raise SmallGPTError(
+            f"{data_dir} has no validation split (prepared with --val-fraction 0): prepare it again "
+            "without that option (a corpus of few documents gets the end of its text held out)"
+        )
+    train_tokens, val_tokens = (load_split(data_dir, split, vocab_size) for split in ("train", "val"))
+    if len(train_tokens) < block_size + 1:
+        shorter = (
+            f"block_size={len(train_tokens) - 1} or less" if len(train_tokens) > 1 else "no shorter context"
+        )
+        raise SmallGPTError(
+            f"{data_dir} has {len(train_tokens):,} training tokens, fewer than one training window of "
+            f"block_size + 1 = {block_size + 1}: add text, or train a shorter context ({shorter})"
+        )
+    return train_tokens, val_tokens

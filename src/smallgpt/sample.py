@@ -2,6 +2,7 @@
 
 Every sample of every prompt decodes in one `Engine` batch; the sample on screen is printed token by
 token while the others advance in the same steps, and each ends with a one-line summary on stderr.
+Also here: the sample a training run prints when it ends (`print_training_sample`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from smallgpt.engine import Engine
 from smallgpt.errors import SmallGPTError
 from smallgpt.generate import SamplingParams, quantize_int8
 from smallgpt.kvcache import bucket
+from smallgpt.model import GPT
+from smallgpt.recipe import TrainConfig
 
 MAX_SAMPLE_BATCH = 64  # more samples than this wait for a free row
 
@@ -85,3 +88,11 @@ def print_samples(
         rate = tokens / (finished_at.get(i, time.perf_counter()) - start)
         summary = f"[{tokens} tokens, {rate:.0f} tokens/s, finish: {sequence.finish_reason}]"
         err_console.print(summary, highlight=False, markup=False)
+
+
+def print_training_sample(model: GPT, cfg: TrainConfig, console: Console) -> None:
+    """The text a run prints when its training ends: `sample_tokens` tokens from <|endoftext|>."""
+    params = SamplingParams(max_new_tokens=cfg.sample_tokens, temperature=0.8, top_k=200, seed=cfg.seed)
+    text = Engine(model, max_batch=1).generate([""], params)[0].text
+    console.print("\nsample (temperature 0.8, top-k 200):", style="bold")
+    console.print(text, markup=False, highlight=False)

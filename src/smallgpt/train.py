@@ -51,16 +51,16 @@ from smallgpt.distributed import Runtime, StopSignal, autocast, keep_freed_memor
 from smallgpt.errors import SmallGPTError, first_line
 from smallgpt.evaluate import estimate_loss, full_pass_loss, perplexity
 from smallgpt.files import WriteError, atomic_write_dir, atomic_write_text, remove_temporaries
-from smallgpt.loader import SAMPLERS, DeviceBatches, data_identity, load_split, same_data
+from smallgpt.loader import SAMPLERS, DeviceBatches, data_identity, same_data, training_data
 from smallgpt.model import GPT
 from smallgpt.monitor import RunMonitor, datasheet_peak, measure_matmul_peak, trim_metrics
 from smallgpt.optim import learning_rate_at, make_optimizer, set_learning_rates
 from smallgpt.precision import name, resolve_precision
 from smallgpt.recipe import (
     RunConfig,
-    TrainConfig,
     require_same_shape,
 )
+from smallgpt.sample import print_training_sample
 
 NEW_RUN = RunStart()  # a run that starts from freshly initialised weights
 
@@ -361,30 +361,6 @@ class Trainer:
         prune_checkpoints(self.out_dir, self.cfg.keep_last)
 
 
-def training_data(data_dir: Path, block_size: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The train and val splits, refused in one line when too small to train on or beyond the vocabulary.
-
-    Training draws windows of block_size + 1 tokens from the train split, so that is the smallest
-    trainable corpus; a validation split shorter than one window is scored in shorter windows.
-    """
-    val_file = data_dir / "val.bin"
-    if val_file.is_file() and val_file.stat().st_size == 0:
-        raise SmallGPTError(
-            f"{data_dir} has no validation split (prepared with --val-fraction 0): prepare it again "
-            "without that option (a corpus of few documents gets the end of its text held out)"
-        )
-    train_tokens, val_tokens = (load_split(data_dir, split, vocab_size) for split in ("train", "val"))
-    if len(train_tokens) < block_size + 1:
-        shorter = (
-            f"block_size={len(train_tokens) - 1} or less" if len(train_tokens) > 1 else "no shorter context"
-        )
-        raise SmallGPTError(
-            f"{data_dir} has {len(train_tokens):,} training tokens, fewer than one training window of "
-            f"block_size + 1 = {block_size + 1}: add text, or train a shorter context ({shorter})"
-        )
-    return train_tokens, val_tokens
-
-
 def json_dump(values: dict) -> str:
     return json.dumps(values, indent=2) + "\n"
 
@@ -416,7 +392,7 @@ def train(
         result = trainer.fit()
         speaks_gpt2 = run.model.vocab_size == GPT2_VOCAB_SIZE  # the sample is decoded with GPT-2's BPE
         if runtime.is_main and not result.interrupted and run.train.sample_tokens and speaks_gpt2:
-            _print_sample(trainer.model, run.train, console)
+            print_training_sample(trainer.model, run.train, console)
         if not result.interrupted:
             console.print(
                 f"\nrun saved in {out_dir} (best weights in best/, loss curve in loss.png); next: "
@@ -444,13 +420,3 @@ def micro_batch_for_world(run: RunConfig, world_size: int, console: Console) -> 
         highlight=False,
     )
     return dataclasses.replace(run, train=dataclasses.replace(cfg, micro_batch_size=micro))
-
-
-def _print_sample(model: GPT, cfg: TrainConfig, console: Console) -> None:
-    from smallgpt.engine import Engine
-    from smallgpt.generate import SamplingParams
-
-    params = SamplingParams(max_new_tokens=cfg.sample_tokens, temperature=0.8, top_k=200, seed=cfg.seed)
-    text = Engine(model, max_batch=1).generate([""], params)[0].text
-    console.print("\nsample (temperature 0.8, top-k 200):", style="bold")
-    console.print(text, markup=False, highlight=False)
