@@ -125,7 +125,7 @@ def prepare(
     _no_extra_words(ctx, "prepare SOURCE")
     # Preparing never hands data to torch: stop `datasets` importing it (saves seconds and ~200 MB).
     os.environ.setdefault("USE_TORCH", "0")
-    from smallgpt.prepare import default_data_dir, prepare_corpus, statistics_table
+    from smallgpt.prepare import default_data_dir, prepare_corpus, print_report, statistics_table
 
     if out is None:
         if source != "default" or val_fraction is not None or seed != 1337 or max_docs is not None:
@@ -150,17 +150,7 @@ def prepare(
         force=force,
         show_progress=not quiet,
     )
-    console.print(statistics_table(meta))
-    if meta["val_carved_tokens"]:
-        console.print(
-            f"validation: {meta['total']['documents']:,} document(s) are too few to split by document; "
-            f"held out the last {meta['val_carved_tokens']:,} tokens of the stream instead",
-            highlight=False,
-            soft_wrap=True,
-        )
-    if meta["replaced_characters"]:
-        console.print(f"{meta['replaced_characters']:,} invalid UTF-8 sequences replaced with U+FFFD")
-    console.print(f"wrote {out}/train.bin, {out}/val.bin and {out}/meta.json in {meta['seconds']} s")
+    print_report(meta, out, console)
 
 
 @app.command(

@@ -367,3 +367,19 @@ def statistics_table(meta: dict) -> Table:
         "",
     )
     return table
+
+
+def print_report(meta: dict, out: str | Path, console: Console) -> None:
+    """What `smallgpt prepare` says when done: the statistics table, anything done to the text or the
+    split that the user did not ask for, and where the files are."""
+    console.print(statistics_table(meta))
+    if meta["val_carved_tokens"]:
+        console.print(
+            f"validation: {meta['total']['documents']:,} document(s) are too few to split by document; "
+            f"held out the last {meta['val_carved_tokens']:,} tokens of the stream instead",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if meta["replaced_characters"]:
+        console.print(f"{meta['replaced_characters']:,} invalid UTF-8 sequences replaced with U+FFFD")
+    console.print(f"wrote {out}/train.bin, {out}/val.bin and {out}/meta.json in {meta['seconds']} s")
