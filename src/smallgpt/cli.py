@@ -33,6 +33,7 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 PRESET_HELP = f"Model preset: {', '.join(PRESETS)} [default: {DEFAULT_PRESET}]."
+DEVICE_HELP = "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps."
 
 
 def _version(value: bool) -> None:
@@ -166,30 +167,9 @@ def model(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Print a preset's layers, parameter counts and training recipe; settings as in `train`."""
-    from smallgpt.recipe import resolve_config
-    from smallgpt.runs import model_summary, split_cli_args
+    from smallgpt.runs import model_command
 
-    positional, overrides = split_cli_args(ctx.args)
-    if positional:
-        raise SmallGPTError(f"unexpected argument {positional[0]!r}: settings are written key=value")
-    run = resolve_config(preset, None, overrides)
-    preset, config, summary = run.preset, run.model, model_summary(run)
-    if as_json:
-        print(json.dumps(summary, indent=2))
-        return
-    table = Table("parameter", "shape", "count", title=f"{preset}: {config}")
-    for layer in summary["layers"]:
-        table.add_row(layer["name"], "x".join(map(str, layer["shape"])), f"{layer['count']:,}")
-    console.print(table)
-    head = (
-        "head tied to wte" if config.architecture.tied_head else "untied head: not counted as non-embedding"
-    )
-    console.print(f"architecture:             {config.arch}")
-    console.print(f"total parameters:         {summary['parameters']:,}  ({head})")
-    console.print(f"non-embedding parameters: {summary['non_embedding_parameters']:,}")
-    console.print(f"training FLOPs per token: {summary['flops_per_token']:,}")
-    recipe = " ".join(f"{key}={value}" for key, value in summary["train"].items())
-    console.print(f"training recipe (smallgpt train --preset {preset}): {recipe}", highlight=False)
+    model_command(ctx.args, preset, as_json=as_json, console=console)
 
 
 @app.command(
@@ -217,7 +197,7 @@ def train(
     init_from: Annotated[
         Optional[str], typer.Option(help="Start from a checkpoint's weights (fine-tuning).")
     ] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto (CUDA, MPS, CPU), cpu, cuda, mps.")] = None,
+    device: Annotated[Optional[str], typer.Option(help=DEVICE_HELP)] = None,
     allow_different_data: Annotated[
         bool,
         typer.Option("--allow-different-data", help="On --resume, accept data other than the run's own."),
@@ -252,7 +232,7 @@ def eval_(
     split: Annotated[str, typer.Option(help="Split of a prepared data dir: val or train.")] = "val",
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
     text_field: Annotated[str, typer.Option(help="Field holding the text in .jsonl/.parquet.")] = "text",
-    device: Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps.")] = "auto",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     dtype: Annotated[
         str, typer.Option(help="auto (what training picks here: measured on a CPU), float32, bfloat16.")
     ] = "auto",
@@ -313,7 +293,7 @@ def sample(
     interactive: Annotated[
         bool, typer.Option("--interactive", help="Prompt loop: type a prompt, get samples; Ctrl-D ends.")
     ] = False,
-    device: Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps.")] = "auto",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     int8: Annotated[
         bool, typer.Option("--int8", help="int8 weights: ~2x faster on a CPU, logits within ~1%.")
     ] = False,
@@ -356,7 +336,7 @@ def serve(
         Optional[str],
         typer.Option(envvar=API_KEY_ENV, help="Require Authorization: Bearer KEY on /v1 routes."),
     ] = None,
-    device: Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps.")] = "auto",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
 ) -> None:
     """Serve a model: OpenAI-compatible API at /v1/completions, playground at /."""
     from smallgpt.serve import serve as run_server

@@ -4,16 +4,18 @@ The command line gives a preset, a TOML file and `key=value` words (`smallgpt.re
 `RunConfig`); `--resume RUN_DIR` reads the run's own config, data and step from its newest checkpoint
 and keeps its learning-rate schedule. Then `smallgpt.train.train` runs it (fitting the micro-batch to
 the world size under torchrun, unless the user chose one). `smallgpt model` shows the same RunConfig
-before any of it runs (`model_summary`).
+before any of it runs (`model_command`, `model_summary`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.table import Table
 
 from smallgpt.checkpoint import RunStart, read_model_config
 from smallgpt.config import parse_overrides
@@ -38,6 +40,31 @@ def model_summary(run: RunConfig) -> dict:
             {"name": name, "shape": list(p.shape), "count": p.numel()} for name, p in gpt.named_parameters()
         ],
     }
+
+
+def model_command(args: list[str], preset: str | None, *, as_json: bool, console: Console) -> None:
+    """`smallgpt model`: the summary of a preset with `args` (key=value) applied, as a table or JSON."""
+    positional, overrides = split_cli_args(args)
+    if positional:
+        raise SmallGPTError(f"unexpected argument {positional[0]!r}: settings are written key=value")
+    run = resolve_config(preset, None, overrides)
+    config, summary = run.model, model_summary(run)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    table = Table("parameter", "shape", "count", title=f"{run.preset}: {config}")
+    for layer in summary["layers"]:
+        table.add_row(layer["name"], "x".join(map(str, layer["shape"])), f"{layer['count']:,}")
+    console.print(table)
+    head = (
+        "head tied to wte" if config.architecture.tied_head else "untied head: not counted as non-embedding"
+    )
+    console.print(f"architecture:             {config.arch}")
+    console.print(f"total parameters:         {summary['parameters']:,}  ({head})")
+    console.print(f"non-embedding parameters: {summary['non_embedding_parameters']:,}")
+    console.print(f"training FLOPs per token: {summary['flops_per_token']:,}")
+    recipe = " ".join(f"{key}={value}" for key, value in summary["train"].items())
+    console.print(f"training recipe (smallgpt train --preset {run.preset}): {recipe}", highlight=False)
 
 
 def train_command(
