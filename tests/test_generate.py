@@ -331,6 +331,7 @@ def test_packed_twin_shares_the_weights_and_follows_them(arch):
         assert not torch.allclose(twin(ids), before)
     assert packed_for_decoding(model, PACK_FROM_ROWS - 1) is None  # no step would use it
     assert packed_for_decoding(small_model(arch=arch).to(torch.bfloat16), 16) is None
+    assert packed_for_decoding(quantize_int8(model), 16) is None  # int8 layers are not nn.Linear
 
 
 def test_model_with_another_vocabulary_is_refused():

@@ -276,10 +276,11 @@ class PackedLinear(nn.Module):
 def packed_for_decoding(model: GPT, rows: int) -> GPT | None:
     """A twin of `model` for decode steps of up to `rows` rows: the same parameters (shared, not
     copied), every matmul a `PackedLinear`; None where it would not be used (fewer rows than
-    PACK_FROM_ROWS; not an fp32 model on a CPU with MKL)."""
+    PACK_FROM_ROWS; not an fp32 model on a CPU with MKL; no nn.Linear left, as after `quantize_int8`)."""
     weight = next(model.parameters())
     cpu_fp32 = weight.device.type == "cpu" and weight.dtype == torch.float32
-    if rows < PACK_FROM_ROWS or not cpu_fp32 or not torch.backends.mkl.is_available():
+    has_linears = any(isinstance(m, nn.Linear) for m in model.modules())
+    if rows < PACK_FROM_ROWS or not cpu_fp32 or not has_linears or not torch.backends.mkl.is_available():
         return None
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
     twin = copy.deepcopy(model, shared).eval()  # (deepcopy reuses what `shared` already holds)
