@@ -285,9 +285,7 @@ def cache_free_logits(model, history: list[int], prompt_length: int) -> torch.Te
             return torch.stack([model(torch.tensor([window]))[0, -1] for window in windows])
         sequence = torch.tensor([history[:-1]])
         window = SlidingWindow(model.config.n_layer, block)
-        logits = model.forward_cached(
-            sequence, torch.arange(sequence.shape[1])[None], window, last_only=False
-        )
+        logits = model.forward_cached(sequence, torch.arange(sequence.shape[1])[None], window, logits="all")
         return logits[0, prompt_length - 1 :]
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from test_generate import LONG_PROMPT, small_model
 
 from smallgpt.config import ModelConfig
-from smallgpt.engine import Engine, Request
+from smallgpt.engine import FEED_UP_TO, Engine, Request
 from smallgpt.generate import SamplingParams
 from smallgpt.kvcache import DecodeStep, KVPool, _DecodeView, bucket
 from smallgpt.model import GPT
@@ -128,8 +128,11 @@ def test_a_row_decodes_bit_for_bit_the_same_whatever_span_its_batch_mates_need()
 
 
 def test_requests_beyond_the_pool_wait_for_a_row(model):
+    """Six requests through two rows: four wait, each joins as a row frees, and all come out as they
+    do alone (batch-invariant steps: alone, a request's steps would otherwise run at one row, here
+    at two, which may round differently)."""
     requests = mixed_requests()[::3]
-    engine = Engine(model, max_batch=2)
+    engine = Engine(model, max_batch=2, batch_invariant=True)
     alone = [complete(engine, [r])[0] for r in requests]
     sequences = [engine.submit(r) for r in requests]
     engine.step()
@@ -211,6 +214,38 @@ def test_generated_tokens_are_scored_at_temperature_1_whatever_the_sampling_temp
             assert [i for i, _ in top] == reference.topk(2).indices.tolist()
 
 
+def test_a_long_prompt_is_prefilled_without_the_head_and_its_last_token_fed(model):
+    """A prompt over FEED_UP_TO tokens (here past the 32-token context) is prefilled but for its last
+    token, logits="none": the cache is what a full prefill leaves, and the first token sampled (from
+    the decode step that fed the last one) is scored as the model scores the window."""
+    prompt = encode(LONG_PROMPT)
+    assert len(prompt) > model.config.block_size > FEED_UP_TO
+    caches = []
+    for logits in ("last", "none"):
+        pool = KVPool(model.config, 1)
+        with torch.no_grad():
+            out = pool.prefill(model, 0, prompt[-32:-1], logits=logits)
+        assert (out is None) == (logits == "none")
+        caches.append((pool.keys.clone(), pool.values.clone(), pool.lengths.clone()))
+    assert all(torch.equal(a, b) for a, b in zip(*caches, strict=True))
+    request = Request(prompt, SamplingParams(3, temperature=0, seed=0), logprobs=3)
+    engine, calls = Engine(model, max_batch=2), {"head": 0, "step": 0}
+    decode = engine.decode
+    engine.decode = lambda tokens: calls.update(step=calls["step"] + 1) or decode(tokens)
+    hook = model.lm_head.register_forward_hook(lambda *_: calls.update(head=calls["head"] + 1))
+    try:
+        [done] = complete(engine, [request])
+    finally:
+        hook.remove()
+    assert calls["head"] == calls["step"] == 3  # the head ran in the decode steps only
+    with torch.no_grad():
+        reference = model(torch.tensor([prompt[-32:]]))[0, -1].log_softmax(-1)
+    token, logprob, top = done.scores[0]
+    assert token == reference.argmax().item()
+    assert logprob == pytest.approx(reference[token].item(), abs=1e-5)
+    assert [i for i, _ in top] == reference.topk(3).indices.tolist()
+
+
 def test_scoring_only_a_one_token_prompt_has_nothing_to_score(model):
     [done] = complete(Engine(model), [Request(encode("Hi"), SamplingParams(0), logprobs=1, echo=True)])
     assert done.prompt_scores == [None] and done.token_ids == [] and done.finish_reason == "length"
@@ -277,7 +312,7 @@ def test_rolling_cache_is_sliding_window_attention_for_300_tokens():
     sequence = torch.tensor([prompt + done.token_ids[:-1]])
     with torch.no_grad():
         reference = model.forward_cached(
-            sequence, torch.arange(sequence.shape[1])[None], SlidingWindow(2, 16), last_only=False
+            sequence, torch.arange(sequence.shape[1])[None], SlidingWindow(2, 16), logits="all"
         )[0, len(prompt) - 1 :].log_softmax(-1)
     assert done.token_ids == reference.argmax(-1).tolist()
     logprobs = torch.tensor([score[1] for score in done.scores])

@@ -2,8 +2,9 @@
 
     submit(request) -> waiting queue
     step():  sequences whose client left are dropped
-             waiting requests join while the pool has free rows, each in a row of its own: a long
-               prompt is prefilled (and scored, if asked); a short one is fed by the decode steps
+             waiting requests join while the pool has free rows, each in a row of its own: a short
+               prompt is fed by the decode steps; a long one is prefilled but for its last token,
+               which the decode steps feed; a prompt to score is prefilled whole
              every active sequence past its prompt samples one token (from its own random stream)
                and turns it into text
              finished sequences leave at once: <|endoftext|>, a stop string, max_new_tokens, deadline
@@ -48,7 +49,9 @@ from smallgpt.tokenizer import EOT_ID, encode, get_tokenizer
 # Prompts up to this many tokens are not prefilled on their own but fed through the batched decode
 # steps, one token per step beside everyone else's: a separate prefill forward costs about as much as
 # a whole decode step for a small model, and batching prefills together would make a row's arithmetic
-# depend on its batch-mates (see `DecodeStep`). Longer prompts and prompts to score are prefilled.
+# depend on its batch-mates (see `DecodeStep`). Longer prompts are prefilled but for their last token,
+# without the head (its 50k-row matmul is most of a small model's prefill): the last token's logits
+# come from the next decode step, which reads the head's weights once for all its rows anyway.
 FEED_UP_TO = 16
 
 # A token's score: (token id, log-probability, [(id, log-probability) of the most probable tokens]).
@@ -249,31 +252,29 @@ class Engine:
     # --- the steps ---
 
     def _join(self, sequence: Sequence) -> None:
-        """Prefill a waiting sequence into the next free row (and score its prompt if asked)."""
+        """Give a waiting sequence the next free row: its prompt is fed, prefilled, or scored."""
         row, request = len(self.active), sequence.request
         self.active.append(sequence)
         scoring_only = request.params.max_new_tokens == 0
-        if not (scoring_only or request.echo) and len(request.prompt) <= min(FEED_UP_TO, self.capacity):
-            sequence.feed = list(request.prompt)  # through the shared decode steps, one token a step
+        if not (scoring_only or request.echo):
+            window = request.prompt[-self.capacity :]
+            if len(window) > FEED_UP_TO:  # only the cache: the last token's logits come from a step
+                self.pool.prefill(self.model, row, window[:-1], logits="none")
+                sequence.cached, window = len(window) - 1, window[-1:]
+            sequence.feed = list(window)  # through the shared decode steps, one token a step
             return
-        # Only scoring: the last prompt token predicts nothing, so the model need not see it.
-        window = (request.prompt[:-1] if scoring_only else request.prompt)[-self.capacity :]
-        if scoring_only and not request.echo:
-            window = []
-        if window:
-            logits = self.pool.prefill(self.model, row, window, all_logits=request.echo)
-            sequence.cached = len(window)
-            if request.echo:
-                scored = request.prompt[len(request.prompt) - len(window) :][1:]
-                if scoring_only:
-                    scored = request.prompt[-len(window) :]
-                k = request.logprobs or 0
-                scores = self._scores(logits[: len(scored)], scored, k)
+        # Scored (echo): each prompt token from the ones before it. Only scoring (max_new_tokens 0): the
+        # last prompt token predicts nothing, so the model need not see it, nor any token without echo.
+        if request.echo:
+            window = (request.prompt[:-1] if scoring_only else request.prompt)[-self.capacity :]
+            if window:
+                logits = self.pool.prefill(self.model, row, window, "all")
+                sequence.cached, sequence.logits = len(window), logits[-1]
+                scored = request.prompt[-len(window) :] if scoring_only else window[1:]
+                scores = self._scores(logits[: len(scored)], scored, request.logprobs or 0)
                 sequence.prompt_scores = [None] * (len(request.prompt) - len(scores)) + scores
-                logits = logits[-1]
-            sequence.logits = logits
-        elif request.echo:
-            sequence.prompt_scores = [None]
+            else:
+                sequence.prompt_scores = [None]
         if scoring_only:
             sequence.finish_reason = "length"
             self._leave(sequence)
@@ -312,8 +313,9 @@ class Engine:
         if not self.active:
             return
         for row, sequence in enumerate(self.active):
-            if sequence.cached == self.capacity and not self.pool.rolling:  # full: recompute the window,
-                self.pool.prefill(self.model, row, sequence.history[-self.capacity : -1])  # newest aside
+            if sequence.cached == self.capacity and not self.pool.rolling:  # full: recompute the window
+                window = sequence.history[-self.capacity : -1]  # (but the newest token: the step feeds it)
+                self.pool.prefill(self.model, row, window, logits="none")
                 sequence.cached = self.capacity - 1
         fed = [s.feed.pop(0) if s.feed else s.history[-1] for s in self.active]
         tokens = torch.tensor(fed, device=self.device)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from smallgpt.config import ModelConfig
 from smallgpt.generate import PACK_FROM_ROWS, packed_for_decoding
+from smallgpt.model import CachedLogits
 
 
 class KVPool:
@@ -46,16 +47,17 @@ class KVPool:
     def capacity(self) -> int:
         return self.keys.shape[3]
 
-    def prefill(self, model, row: int, ids: list[int], all_logits: bool = False) -> torch.Tensor:
+    def prefill(self, model, row: int, ids: list[int], logits: CachedLogits = "last") -> torch.Tensor | None:
         """Run `ids` (at most block_size tokens) into `row`, replacing what it held.
 
-        Returns the logits after the last token (vocab,), or after every token (len(ids), vocab).
+        Returns the logits after the last token (vocab,), after every token (len(ids), vocab), or
+        None with logits="none" (the row's cache is all that is wanted).
         """
         idx = torch.tensor([ids], device=self.keys.device)
         positions = torch.arange(len(ids), device=idx.device)[None]
-        logits = model.forward_cached(idx, positions, _PrefillView(self, row), last_only=not all_logits)
+        out = model.forward_cached(idx, positions, _PrefillView(self, row), logits)
         self.lengths[row] = len(ids)
-        return logits[0]
+        return None if out is None else out[0]
 
     def move_row(self, source: int, target: int) -> None:
         """Copy row `source` into row `target` and empty `source` (the scheduler keeps rows packed)."""

@@ -21,6 +21,7 @@ whole context.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -28,6 +29,9 @@ import torch.nn.functional as F
 
 from smallgpt.config import ModelConfig
 from smallgpt.loss import linear_cross_entropy
+
+# Which logits `GPT.forward_cached` returns: after the last token, after every token, or none.
+CachedLogits = Literal["last", "all", "none"]
 
 
 class RMSNorm(nn.RMSNorm):
@@ -302,19 +306,22 @@ class GPT(nn.Module):
         return self.lm_head(hidden)[..., : self.config.vocab_size]
 
     def forward_cached(
-        self, idx: torch.Tensor, positions: torch.Tensor, cache, last_only: bool = True
-    ) -> torch.Tensor:
+        self, idx: torch.Tensor, positions: torch.Tensor, cache, logits: CachedLogits = "last"
+    ) -> torch.Tensor | None:
         """Logits after tokens `idx` (B, T) at `positions` (B, T), keys and values going to `cache`.
 
         `cache.layers[i].attend(q, k, v)` stores layer i's new keys/values and returns its attention
-        output (see `smallgpt.kvcache`). Returns (B, vocab) for the last position only, all that
-        sampling needs, or (B, T, vocab) for every position (to score a prompt). Pure tensor work, so
-        a decode step can be captured in a CUDA graph.
+        output (see `smallgpt.kvcache`). Returns (B, vocab) for the "last" position only, all that
+        sampling needs, (B, T, vocab) for "all" positions (to score a prompt), or None: only the cache
+        is filled, and the head, a small model's largest matmul, is skipped. Pure tensor work, so a
+        decode step can be captured in a CUDA graph.
         """
         x, rope = self.embed(idx, positions)
         for block, layer_cache in zip(self.transformer.h, cache.layers, strict=True):
             x = block(x, rope, layer_cache)
-        x = self.transformer.ln_f(x[:, -1] if last_only else x)
+        if logits == "none":
+            return None
+        x = self.transformer.ln_f(x[:, -1] if logits == "last" else x)
         return self.lm_head(x)[..., : self.config.vocab_size]
 
     def train_attention_in(self, dtype: torch.dtype | None) -> None:
