@@ -214,10 +214,23 @@ def test_generated_tokens_are_scored_at_temperature_1_whatever_the_sampling_temp
             assert [i for i, _ in top] == reference.topk(2).indices.tolist()
 
 
-def test_a_long_prompt_is_prefilled_without_the_head_and_its_last_token_fed(model):
-    """A prompt over FEED_UP_TO tokens (here past the 32-token context) is prefilled but for its last
-    token, logits="none": the cache is what a full prefill leaves, and the first token sampled (from
-    the decode step that fed the last one) is scored as the model scores the window."""
+def count_head_calls_and_steps(model, requests: list[Request]):
+    """(the first request's completion, calls of the model's head, decode steps) in a 2-row engine."""
+    engine, calls = Engine(model, max_batch=2), {"head": 0, "step": 0}
+    decode = engine.decode
+    engine.decode = lambda tokens: calls.update(step=calls["step"] + 1) or decode(tokens)
+    hook = model.lm_head.register_forward_hook(lambda *_: calls.update(head=calls["head"] + 1))
+    try:
+        return complete(engine, requests)[0], calls["head"], calls["step"]
+    finally:
+        hook.remove()
+
+
+def test_beside_others_a_long_prompt_is_prefilled_without_the_head(model):
+    """A prompt over FEED_UP_TO tokens (here past the 32-token context) joining other sequences is
+    prefilled but for its last token, logits="none": the cache is what a full prefill leaves, and the
+    head runs in the decode steps only. Alone, the prefill gives its logits at once (one head call
+    more than steps). Either way the first token is scored as the model scores the window."""
     prompt = encode(LONG_PROMPT)
     assert len(prompt) > model.config.block_size > FEED_UP_TO
     caches = []
@@ -228,22 +241,16 @@ def test_a_long_prompt_is_prefilled_without_the_head_and_its_last_token_fed(mode
         assert (out is None) == (logits == "none")
         caches.append((pool.keys.clone(), pool.values.clone(), pool.lengths.clone()))
     assert all(torch.equal(a, b) for a, b in zip(*caches, strict=True))
-    request = Request(prompt, SamplingParams(3, temperature=0, seed=0), logprobs=3)
-    engine, calls = Engine(model, max_batch=2), {"head": 0, "step": 0}
-    decode = engine.decode
-    engine.decode = lambda tokens: calls.update(step=calls["step"] + 1) or decode(tokens)
-    hook = model.lm_head.register_forward_hook(lambda *_: calls.update(head=calls["head"] + 1))
-    try:
-        [done] = complete(engine, [request])
-    finally:
-        hook.remove()
-    assert calls["head"] == calls["step"] == 3  # the head ran in the decode steps only
     with torch.no_grad():
         reference = model(torch.tensor([prompt[-32:]]))[0, -1].log_softmax(-1)
-    token, logprob, top = done.scores[0]
-    assert token == reference.argmax().item()
-    assert logprob == pytest.approx(reference[token].item(), abs=1e-5)
-    assert [i for i, _ in top] == reference.topk(3).indices.tolist()
+    for prompts, extra_head_calls in (([prompt, encode("Hi")], 0), ([prompt], 1)):
+        requests = [Request(p, SamplingParams(3, temperature=0, seed=0), logprobs=3) for p in prompts]
+        done, head_calls, steps = count_head_calls_and_steps(model, requests)
+        assert head_calls == steps + extra_head_calls
+        token, logprob, top = done.scores[0]
+        assert token == reference.argmax().item()
+        assert logprob == pytest.approx(reference[token].item(), abs=1e-5)
+        assert [i for i, _ in top] == reference.topk(3).indices.tolist()
 
 
 def test_scoring_only_a_one_token_prompt_has_nothing_to_score(model):

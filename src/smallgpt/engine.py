@@ -3,8 +3,8 @@
     submit(request) -> waiting queue
     step():  sequences whose client left are dropped
              waiting requests join while the pool has free rows, each in a row of its own: a short
-               prompt is fed by the decode steps; a long one is prefilled but for its last token,
-               which the decode steps feed; a prompt to score is prefilled whole
+               prompt is fed by the decode steps; a long one is prefilled (beside others, but for its
+               last token, which the decode steps feed: `FEED_UP_TO`); one to score, prefilled whole
              every active sequence past its prompt samples one token (from its own random stream)
                and turns it into text
              finished sequences leave at once: <|endoftext|>, a stop string, max_new_tokens, deadline
@@ -49,9 +49,10 @@ from smallgpt.tokenizer import EOT_ID, encode, get_tokenizer
 # Prompts up to this many tokens are not prefilled on their own but fed through the batched decode
 # steps, one token per step beside everyone else's: a separate prefill forward costs about as much as
 # a whole decode step for a small model, and batching prefills together would make a row's arithmetic
-# depend on its batch-mates (see `DecodeStep`). Longer prompts are prefilled but for their last token,
-# without the head (its 50k-row matmul is most of a small model's prefill): the last token's logits
-# come from the next decode step, which reads the head's weights once for all its rows anyway.
+# depend on its batch-mates (see `DecodeStep`). Longer prompts are prefilled. Beside other sequences,
+# a prefill stops short of the last token and of the head (its 50k-row matmul is most of a small
+# model's prefill): that token's logits come from the next decode step, which reads the head's
+# weights once for all its rows anyway. Alone, the prefill gives them at once (a step costs more).
 FEED_UP_TO = 16
 
 # A token's score: (token id, log-probability, [(id, log-probability) of the most probable tokens]).
@@ -169,6 +170,7 @@ class Engine:
         dtype = next(model.parameters()).dtype
         self.pool = KVPool(model.config, max_batch, self.device, dtype)
         graphs = self.device.type == "cuda"
+        self.batch_invariant = batch_invariant
         self.decode = DecodeStep(self.model, self.pool, graphs=graphs, every_row=batch_invariant)
         self.waiting: deque[Sequence] = deque()
         self.active: list[Sequence] = []  # active[i] holds pool row i
@@ -258,10 +260,13 @@ class Engine:
         scoring_only = request.params.max_new_tokens == 0
         if not (scoring_only or request.echo):
             window = request.prompt[-self.capacity :]
-            if len(window) > FEED_UP_TO:  # only the cache: the last token's logits come from a step
+            if len(window) <= FEED_UP_TO:
+                sequence.feed = list(window)  # through the shared decode steps, one token a step
+            elif self._alone():  # no step to share: the logits at once
+                sequence.logits, sequence.cached = self.pool.prefill(self.model, row, window), len(window)
+            else:  # only the cache: the last token's logits come from the next decode step
                 self.pool.prefill(self.model, row, window[:-1], logits="none")
-                sequence.cached, window = len(window) - 1, window[-1:]
-            sequence.feed = list(window)  # through the shared decode steps, one token a step
+                sequence.cached, sequence.feed = len(window) - 1, window[-1:]
             return
         # Scored (echo): each prompt token from the ones before it. Only scoring (max_new_tokens 0): the
         # last prompt token predicts nothing, so the model need not see it, nor any token without echo.
@@ -278,6 +283,11 @@ class Engine:
         if scoring_only:
             sequence.finish_reason = "length"
             self._leave(sequence)
+
+    def _alone(self) -> bool:
+        """Whether the newest active sequence will step alone: nobody else active or waiting, and
+        steps that compute only the busy rows (batch-invariant steps compute the whole pool anyway)."""
+        return len(self.active) == 1 and not self.waiting and not self.batch_invariant
 
     def _sample(self) -> None:
         """One token per active sequence; sequences with the same sampler settings share one call."""
