@@ -11,8 +11,9 @@ against an independent reference where one exists:
                                    fine-tune starts at the checkpoint's loss, not at ln(vocab)
   eval                             = logits + F.cross_entropy over every block (prepared split, raw .jsonl)
   plot                             the loss curve, redrawn from metrics.jsonl
-  sample                           greedy past the context = a cache-free reference; int8 logits close to
-                                   fp32; top-p, stop strings, prompts x --num-samples, --interactive
+  sample                           greedy past the context = a cache-free reference (a long prompt too,
+                                   alone and beside another); int8 logits close to fp32; top-p, stop
+                                   strings, prompts x --num-samples, --interactive
   export / import                  transformers loads the export with our logits; import gives them back;
                                    the GGUF file reads back with our weights
   serve                            one live server: completion, streaming, logprobs + echo, token ids
@@ -44,7 +45,7 @@ from training_helpers import final_weights, metrics
 from smallgpt.architectures import ARCHITECTURES
 from smallgpt.checkpoint import load_model
 from smallgpt.config import PRESETS
-from smallgpt.engine import Engine, Request
+from smallgpt.engine import FEED_UP_TO, Engine, Request
 from smallgpt.evaluate import evaluate_checkpoint
 from smallgpt.generate import SamplingParams, quantize_int8
 from smallgpt.limits import Limits
@@ -299,15 +300,31 @@ def check_greedy_sample(cli, run: Path, model, *options: str) -> None:
     assert "[40 tokens" in err and "finish: length" in err
     [completion] = Engine(model).generate([prompt], SamplingParams(40, temperature=0))
     assert out == prompt + completion.text + "\n"
-    ids = encode(prompt)
-    reference = cache_free_logits(model, ids + completion.token_ids, len(ids))
-    chosen = reference.gather(1, torch.tensor(completion.token_ids)[:, None])[:, 0]
+    assert_most_likely(model, encode(prompt), completion.token_ids)
+
+
+def assert_most_likely(model, prompt: list[int], generated: list[int]) -> None:
+    """Each generated token is the cache-free reference's most likely one after what came before."""
+    reference = cache_free_logits(model, prompt + generated, len(prompt))
+    chosen = reference.gather(1, torch.tensor(generated)[:, None])[:, 0]
     # The most likely, to rounding (two paths of float arithmetic; a near-tie may go either way).
     assert (chosen >= reference.max(dim=1).values - 1e-4).all()
 
 
 def test_greedy_sampling_past_the_context_equals_the_cache_free_reference(trained, cli):
     check_greedy_sample(cli, trained.run, trained.model())
+
+
+def test_a_long_prompt_alone_and_beside_another_continues_as_the_reference(trained):
+    """A prompt over FEED_UP_TO tokens is prefilled whole when alone, and beside another sequence
+    without its last token and the head (that token fed by a decode step, `Engine._join`); either
+    way greedy tokens past the context are the cache-free reference's."""
+    model, ids = trained.model(), np.asarray(load_split(trained.data, "val"))[:24].tolist()
+    assert FEED_UP_TO < len(ids) < model.config.block_size
+    for prompts in ([ids], [ids, encode(PROMPTS[1])]):
+        completion = Engine(model).generate(prompts, SamplingParams(20, temperature=0))[0]
+        assert len(completion.token_ids) == 20
+        assert_most_likely(model, ids, completion.token_ids)
 
 
 def test_int8_logits_stay_close_to_fp32_and_sample_past_the_context(trained, cli):

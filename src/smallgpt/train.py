@@ -56,10 +56,7 @@ from smallgpt.model import GPT
 from smallgpt.monitor import RunMonitor, datasheet_peak, measure_matmul_peak, trim_metrics
 from smallgpt.optim import learning_rate_at, make_optimizer, set_learning_rates
 from smallgpt.precision import name, resolve_precision
-from smallgpt.recipe import (
-    RunConfig,
-    require_same_shape,
-)
+from smallgpt.recipe import RunConfig, require_same_shape
 from smallgpt.sample import print_training_sample
 
 NEW_RUN = RunStart()  # a run that starts from freshly initialised weights
